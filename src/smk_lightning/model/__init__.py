@@ -1,0 +1,6 @@
+"""The MoE language model: ``MoELayer`` (the routed feed-forward) and ``MoETransformer``."""
+
+from smk_lightning.model.moe import MoELayer
+from smk_lightning.model.transformer import ModelConfig, MoETransformer
+
+__all__ = ["MoELayer", "ModelConfig", "MoETransformer"]

@@ -1,0 +1,192 @@
+"""Mixture-of-Experts feed-forward layer with sorted, per-expert-contiguous dispatch.
+
+Shape legend (used as name suffixes):
+    N  tokens (batch × seq_len, flattened)     D  d_model        F  d_ff (expert hidden)
+    E  experts                                 K  top_k          P  routed (token, expert) pairs = N·K
+
+Every (token, expert) pair is sorted by expert, so each expert runs one matmul on a
+contiguous slice of its tokens: the Python loop is over experts, never over tokens,
+and no expert is evaluated on a token it was not routed to.
+
+For the statistics engines (``smk_lightning.stats``) the layer can keep, for the
+current step only, what the closed-form ("ghost") norms need: the routing, the
+expert pre-activations and the captured upstream gradient. Capture is off unless
+``capture_stats`` is set, and ``clear_capture()`` drops every reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+@dataclass
+class Routing:
+    """The routing decision of one forward pass (no autograd graph)."""
+
+    topi_NK: Tensor  # selected experts, by decreasing probability
+    order_P: Tensor  # pair permutation that sorts the flattened (token, slot) pairs by expert
+    counts_E: list[int]  # tokens per expert, in sorted order
+
+
+@dataclass
+class Capture:
+    """What one forward pass leaves for the statistics of the same step."""
+
+    x_ND: Tensor  # layer input (detached)
+    logits_NE: Tensor  # router logits (detached, float32)
+    weights_NK: Tensor  # combine weights (detached)
+    routing: Routing
+    u_PF: Tensor  # x @ w1 for the sorted pairs (detached; autograd keeps it alive anyway)
+    v_PF: Tensor | None  # x @ w3 (SwiGLU only)
+    ma_P: Tensor  # ‖f_e(x_t)‖ for the sorted pairs, float32+
+    hsq_P: Tensor  # ‖h‖² for the sorted pairs, float32+
+    grad_scale: float = 1.0  # multiplies the captured gradient (mean-loss → sum-loss)
+    grad_ND: Tensor | None = None  # ∂L_sum/∂o, filled by the output hook during backward
+
+
+def route(logits_NE: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax → top-k → (optionally) renormalised combine weights.
+
+    Returns (probs_NE, weights_NK, topi_NK); probabilities are computed in float32.
+    """
+    probs_NE = logits_NE.float().softmax(dim=-1)
+    topw_NK, topi_NK = probs_NE.topk(top_k, dim=-1)
+    if renormalize:
+        topw_NK = topw_NK / topw_NK.sum(dim=-1, keepdim=True)
+    return probs_NE, topw_NK, topi_NK
+
+
+def sort_pairs(topi_NK: Tensor, num_experts: int) -> Routing:
+    """Sort the N·K (token, slot) pairs by expert; token of sorted pair p is order_P[p] // K."""
+    flat_P = topi_NK.reshape(-1)
+    order_P = flat_P.argsort(stable=True)
+    counts_E = torch.bincount(flat_P, minlength=num_experts).tolist()
+    return Routing(topi_NK=topi_NK, order_P=order_P, counts_E=counts_E)
+
+
+class MoELayer(nn.Module):
+    """Top-k routed MoE feed-forward: ``[N, D] → [N, D]`` (``[B, T, D]`` accepted too).
+
+    Experts are stacked: ``w1 [E, D, F]``, ``w2 [E, F, D]`` and, for SwiGLU, ``w3 [E, D, F]``;
+    expert ``e`` computes ``(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`` (GELU:
+    ``gelu(x @ w1[e]) @ w2[e]``). ``router`` is ``nn.Linear(D, E, bias=False)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
+        activation: str = "swiglu",
+        renormalize: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"top_k={top_k} must be between 1 and num_experts={num_experts}; lower top_k or add experts"
+            )
+        self.d_model, self.d_ff = d_model, d_ff
+        self.num_experts, self.top_k = num_experts, top_k
+        self.activation, self.renormalize = activation, renormalize
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
+        # When set, the main loss reaches the router only through smk_loss (decoupled routing):
+        # the combine weights use a detached router weight, gradients still reach x.
+        self.detach_router = False
+        # Statistics capture for the current step (see module docstring).
+        self.capture_stats = False
+        self.capture: Capture | None = None
+        self.last_probs_NE: Tensor | None = None  # detached, for routing metrics
+        self.last_topi_NK: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.router.weight, std=0.02)
+        for w in (self.w1, self.w3):
+            if w is not None:
+                nn.init.normal_(w, std=1.0 / math.sqrt(self.d_model))
+        nn.init.normal_(self.w2, std=1.0 / math.sqrt(self.d_ff))
+
+    def expert_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(w1_DF, w2_FD, w3_DF or None) of expert ``e``."""
+        return self.w1[e], self.w2[e], None if self.w3 is None else self.w3[e]
+
+    def router_logits(self, x_ND: Tensor) -> Tensor:
+        weight = self.router.weight.detach() if self.detach_router else self.router.weight
+        return F.linear(x_ND, weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x_ND = x.reshape(-1, self.d_model)
+        logits_NE = self.router_logits(x_ND)
+        probs_NE, weights_NK, topi_NK = route(logits_NE, self.top_k, self.renormalize)
+        routing = sort_pairs(topi_NK.detach(), self.num_experts)
+        self.last_probs_NE, self.last_topi_NK = probs_NE.detach(), routing.topi_NK
+
+        tok_P = routing.order_P // self.top_k
+        xs_PD = x_ND[tok_P]
+        ys, us, vs = [], [], []
+        for e, xs_nD in enumerate(xs_PD.split(routing.counts_E)):
+            w1, w2, w3 = self.expert_weights(e)
+            u = xs_nD @ w1
+            if w3 is None:
+                v = None
+                h = F.gelu(u)
+            else:
+                v = xs_nD @ w3
+                h = F.silu(u) * v
+            ys.append(h @ w2)
+            us.append(u)
+            vs.append(v)
+        ys_PD = torch.cat(ys)
+
+        if self.capture_stats and torch.is_grad_enabled():
+            self._capture(x_ND, logits_NE, weights_NK, routing, us, vs, ys_PD)
+
+        # Unsort: pair p of the flattened (token, slot) order sits at position order_P^-1.
+        y_PD = torch.empty_like(ys_PD).index_copy_(0, routing.order_P, ys_PD)
+        out_ND = (y_PD.view(-1, self.top_k, self.d_model) * weights_NK.unsqueeze(-1).to(y_PD.dtype)).sum(1)
+        if self.capture is not None and out_ND.requires_grad:
+            out_ND.register_hook(self._grad_hook)
+        return out_ND.view(shape)
+
+    # -- statistics capture ---------------------------------------------------------------
+    def _capture(self, x_ND, logits_NE, weights_NK, routing, us, vs, ys_PD) -> None:
+        acc = torch.promote_types(ys_PD.dtype, torch.float32)
+        u_PF = torch.cat(us).detach()
+        v_PF = None if vs[0] is None else torch.cat(vs).detach()
+        with torch.no_grad():
+            h_PF = F.gelu(u_PF) if v_PF is None else F.silu(u_PF) * v_PF
+            hsq_P = h_PF.to(acc).square().sum(-1)
+            ma_P = ys_PD.detach().to(acc).norm(dim=-1)
+        self.capture = Capture(
+            x_ND=x_ND.detach(),
+            logits_NE=logits_NE.detach().float(),
+            weights_NK=weights_NK.detach(),
+            routing=routing,
+            u_PF=u_PF,
+            v_PF=v_PF,
+            ma_P=ma_P,
+            hsq_P=hsq_P,
+        )
+
+    def _grad_hook(self, grad_ND: Tensor) -> None:
+        cap = self.capture
+        if cap is not None:
+            cap.grad_ND = grad_ND.detach() * cap.grad_scale
+
+    def clear_capture(self) -> None:
+        """Drop every tensor kept for the statistics of the current step."""
+        self.capture = None

@@ -1,0 +1,190 @@
+"""Decoder-only MoE transformer: embedding → blocks (RMSNorm, rotary causal attention,
+MoE or dense feed-forward) → RMSNorm → head.
+
+Shape legend: B batch, T sequence, D d_model, H heads, V vocabulary, N = B·T.
+The model is plain PyTorch; it knows nothing about Lightning or distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from smk_lightning.model.moe import MoELayer
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the MoE transformer."""
+
+    vocab_size: int = 2048
+    """Vocabulary size; linked from ``data.vocab_size``."""
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; must divide d_model."""
+    max_seq_len: int = 512
+    """Longest sequence the rotary table covers; data.seq_len must not exceed it."""
+    num_experts: int = 8
+    """Experts per MoE layer (E)."""
+    top_k: int = 2
+    """Experts each token is routed to (k)."""
+    d_ff: int = 256
+    """Hidden width of each expert (F)."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """Expert kind."""
+    renormalize: bool = True
+    """Renormalise the top-k probabilities to sum to one (else combine with raw p)."""
+    moe_every: int = 1
+    """Use an MoE feed-forward in every n-th block (others get a dense FFN of width dense_ff)."""
+    dense_ff: int | None = None
+    """Hidden width of the dense FFN blocks; default top_k·d_ff (same active FLOPs)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward to save memory (slower)."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "choose n_heads that divides d_model"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for rotary positions"
+            )
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}; "
+                "lower top_k or add experts"
+            )
+        if self.moe_every < 1:
+            raise ValueError(f"model.moe_every={self.moe_every} must be >= 1")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary_table(seq_len: int, head_dim: int, base: float = 10000.0) -> Tensor:
+    """cos/sin of rotary angles, ``[T, head_dim/2, 2]``."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
+
+
+def apply_rotary(x_BHTC: Tensor, rot_TC2: Tensor) -> Tensor:
+    x1, x2 = x_BHTC.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rot_TC2.unbind(-1)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x_BHTC)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BTD: Tensor, rot_TC2: Tensor) -> Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, rot_TC2[:T]), apply_rotary(k, rot_TC2[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU/GELU MLP with the same form as one expert."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu" else None
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(self.w1(x)) if self.w3 is None else F.silu(self.w1(x)) * self.w3(x)
+        return self.w2(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, use_moe: bool) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.d_model)
+        if use_moe:
+            self.ffn = MoELayer(
+                cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.activation, cfg.renormalize
+            )
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.dense_ff or cfg.top_k * cfg.d_ff, cfg.activation)
+
+    def forward(self, x_BTD: Tensor, rot_TC2: Tensor) -> Tensor:
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rot_TC2)
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dense_only: bool = False) -> None:
+        """``dense_only`` replaces every MoE with a dense FFN of the same active FLOPs (benchmark)."""
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(
+            Block(cfg, use_moe=not dense_only and i % cfg.moe_every == cfg.moe_every - 1)
+            for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.register_buffer(
+            "rot_TC2", rotary_table(cfg.max_seq_len, cfg.d_model // cfg.n_heads), persistent=False
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and name.endswith(("qkv.weight", "proj.weight", "w1.weight", "w2.weight", "w3.weight")):
+                nn.init.normal_(p, std=0.02)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, std=0.02)
+
+    def moe_layers(self) -> dict[str, MoELayer]:
+        """MoE layers by a short stable name (``layer<i>``), in depth order."""
+        return {f"layer{i}": b.ffn for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)}
+
+    def forward(self, idx_BT: Tensor) -> Tensor:
+        """Token ids ``[B, T]`` → logits ``[B, T, V]``."""
+        T = idx_BT.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                "raise model.max_seq_len or lower data.seq_len"
+            )
+        x = self.embed(idx_BT)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, self.rot_TC2, use_reentrant=False)
+            else:
+                x = block(x, self.rot_TC2)
+        return self.head(self.norm(x))

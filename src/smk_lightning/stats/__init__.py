@@ -1,0 +1,62 @@
+"""Exact per-token, per-expert statistics M_A and M_G (DESIGN §2–§4).
+
+``expert_token_stats`` is the public entry point; ``ENGINES`` is the registry of
+engines, each ``fn(layer, x_ND, g_ND, mask_NE, M_A, M_G)`` filling the masked entries.
+``step_stats`` computes the statistics of a training step from what the layer captured.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from smk_lightning.model.moe import MoELayer, route
+from smk_lightning.stats.ghost import ghost_stats
+from smk_lightning.stats.loop import loop_stats
+from smk_lightning.stats.scopes import SCOPES, check_scope, scope_mask
+from smk_lightning.stats.step import step_stats
+from smk_lightning.stats.vmap import vmap_stats
+
+ENGINES = {"ghost": ghost_stats, "vmap": vmap_stats, "loop": loop_stats}
+
+
+def get_engine(name: str):
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise ValueError(f"stats engine {name!r} does not exist; use one of {tuple(ENGINES)}") from None
+
+
+def stats_dtype(*tensors: Tensor) -> torch.dtype:
+    """Norms accumulate in float32 at least (float64 stays float64)."""
+    dt = torch.float32
+    for t in tensors:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def expert_token_stats(layer: MoELayer, x: Tensor, grad_out: Tensor, engine: str = "ghost",
+                       scope: str = "routed", probe_fraction: float | None = None,
+                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """M_A, M_G ``[N, E]`` of ``layer`` for input ``x`` and upstream gradient ``grad_out``
+    (both ``[N, D]`` or ``[..., D]``); NaN where the scope leaves an entry undefined.
+
+    Parameters and their ``.grad`` are not changed.
+    """
+    fn = get_engine(engine)
+    check_scope(scope, probe_fraction)
+    x_ND = x.detach().reshape(-1, layer.d_model)
+    g_ND = grad_out.detach().reshape(-1, layer.d_model)
+    if x_ND.shape != g_ND.shape:
+        raise ValueError(f"x {tuple(x.shape)} and grad_out {tuple(grad_out.shape)} must have the same shape")
+    with torch.no_grad():
+        _, _, topi_NK = route(layer.router_logits(x_ND), layer.top_k, layer.renormalize)
+    mask_NE = scope_mask(topi_NK, layer.num_experts, scope, probe_fraction, generator)
+    dt = stats_dtype(x_ND, g_ND, layer.w1)
+    M_A = torch.full(mask_NE.shape, float("nan"), dtype=dt, device=x_ND.device)
+    M_G = M_A.clone()
+    fn(layer, x_ND, g_ND, mask_NE, M_A, M_G)
+    return M_A, M_G
+
+
+__all__ = ["ENGINES", "SCOPES", "expert_token_stats", "get_engine", "step_stats"]

@@ -1,0 +1,45 @@
+"""Which (token, expert) entries the statistics are defined on (DESIGN §2, scope)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCOPES = ("routed", "dense", "probe")
+
+
+def check_scope(scope: str, probe_fraction: float | None = None) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"stats scope {scope!r} does not exist; use one of {SCOPES}")
+    if scope == "probe" and not (probe_fraction is not None and 0 < probe_fraction <= 1):
+        raise ValueError(
+            f"stats.probe_fraction={probe_fraction} must be in (0, 1] for scope 'probe'; "
+            "use e.g. 0.25, or scope 'dense' for 1.0"
+        )
+
+
+def routed_mask(topi_NK: Tensor, num_experts: int) -> Tensor:
+    mask_NE = torch.zeros(topi_NK.shape[0], num_experts, dtype=torch.bool, device=topi_NK.device)
+    return mask_NE.scatter_(1, topi_NK, True)
+
+
+def probe_rows(n: int, probe_fraction: float, generator: torch.Generator | None,
+               device: torch.device) -> Tensor:
+    """A random ``probe_fraction`` share of the n rows (at least one), as a bool mask [N]."""
+    count = max(1, round(probe_fraction * n))
+    perm = torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")
+    rows_N = torch.zeros(n, dtype=torch.bool)
+    rows_N[perm[:count].cpu()] = True
+    return rows_N.to(device)
+
+
+def scope_mask(topi_NK: Tensor, num_experts: int, scope: str, probe_fraction: float | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Defined entries [N, E]: routed pairs, every pair, or routed plus dense probe rows."""
+    check_scope(scope, probe_fraction)
+    mask_NE = routed_mask(topi_NK, num_experts)
+    if scope == "dense":
+        mask_NE[:] = True
+    elif scope == "probe":
+        mask_NE[probe_rows(len(mask_NE), probe_fraction, generator, mask_NE.device)] = True
+    return mask_NE
