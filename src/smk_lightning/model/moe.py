@@ -108,7 +108,10 @@ class MoELayer(nn.Module):
         # Statistics capture for the current step (see module docstring).
         self.capture_stats = False
         self.capture: Capture | None = None
-        self.last_probs_NE: Tensor | None = None  # detached, for routing metrics
+        # Router outputs of the last forward: for the router losses (with graph until
+        # ``release_graph``) and the routing metrics.
+        self.last_logits_NE: Tensor | None = None
+        self.last_probs_NE: Tensor | None = None
         self.last_topi_NK: Tensor | None = None
         self.reset_parameters()
 
@@ -133,7 +136,7 @@ class MoELayer(nn.Module):
         logits_NE = self.router_logits(x_ND)
         probs_NE, weights_NK, topi_NK = route(logits_NE, self.top_k, self.renormalize)
         routing = sort_pairs(topi_NK.detach(), self.num_experts)
-        self.last_probs_NE, self.last_topi_NK = probs_NE.detach(), routing.topi_NK
+        self.last_logits_NE, self.last_probs_NE, self.last_topi_NK = logits_NE, probs_NE, routing.topi_NK
 
         tok_P = routing.order_P // self.top_k
         xs_PD = x_ND[tok_P]
@@ -186,6 +189,12 @@ class MoELayer(nn.Module):
         cap = self.capture
         if cap is not None:
             cap.grad_ND = grad_ND.detach() * cap.grad_scale
+
+    def release_graph(self) -> None:
+        """Detach the kept router outputs so no autograd graph outlives the step."""
+        if self.last_logits_NE is not None:
+            self.last_logits_NE = self.last_logits_NE.detach()
+            self.last_probs_NE = self.last_probs_NE.detach()
 
     def clear_capture(self) -> None:
         """Drop every tensor kept for the statistics of the current step."""

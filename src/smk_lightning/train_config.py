@@ -1,0 +1,93 @@
+"""Training options of ``SMKModule``: optimiser, statistics and router loss.
+
+Every default lives here, once; field docstrings become ``smk fit --help`` text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from smk_lightning.stats.scopes import check_scope
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup + cosine decay."""
+
+    lr: float = 3e-3
+    """Peak learning rate of all non-router parameters."""
+    router_lr: float = 3e-3
+    """Peak learning rate of the router weights (no weight decay)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay of matrices (norms, embeddings' rows and routers excluded)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to this fraction of the peak learning rate at trainer.max_steps."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.router_lr < 0:
+            raise ValueError(f"optim.lr={self.lr} / optim.router_lr={self.router_lr} must be positive")
+
+
+@dataclass
+class StatsConfig:
+    """Per-token, per-expert statistics M_A, M_G (DESIGN §2–§4)."""
+
+    enabled: bool = True
+    """Compute the statistics during training (smk_loss needs them)."""
+    engine: Literal["ghost", "vmap", "loop"] = "ghost"
+    """ghost: closed form (fast, default); vmap: torch.func per-token gradients (check); loop: reference (tiny models only)."""
+    scope: Literal["routed", "dense", "probe"] = "probe"
+    """routed: selected experts only; dense: every expert; probe: dense on probe_fraction of tokens, routed elsewhere."""
+    probe_fraction: float = 0.25
+    """Share of tokens evaluated on every expert in scope 'probe', in (0, 1]."""
+    every_n_steps: int = 1
+    """Compute the statistics (and smk_loss) every n-th training step."""
+    vmap_chunk_size: int = 64
+    """Tokens per vmap chunk (bounds the memory of the vmap engine)."""
+    val_batches: int = 2
+    """Validation batches on which val/g_acc and val/kl_div are computed (0 disables)."""
+    heatmap_every_n_steps: int = 100
+    """Log the expert × domain heatmaps of mean M_G and of routing every n steps."""
+    seed: int = 0
+    """Seed of the probe-token draw."""
+
+    def __post_init__(self) -> None:
+        from smk_lightning.stats import get_engine
+
+        get_engine(self.engine)
+        check_scope(self.scope, self.probe_fraction)
+        if self.every_n_steps < 1:
+            raise ValueError(f"stats.every_n_steps={self.every_n_steps} must be >= 1")
+
+
+@dataclass
+class RouterConfig:
+    """How the router is trained."""
+
+    loss: Literal["smk", "switch", "none"] = "smk"
+    """smk: smk_loss on ΔSC targets; switch: Switch load-balancing loss; none: main loss only."""
+    weight: float = 0.01
+    """Weight of the router loss chosen in `loss` (smk_loss or the Switch aux loss)."""
+    z_loss_weight: float = 0.0
+    """Weight of the router z-loss (combinable with any `loss`; 0 disables)."""
+    delta_sc: Literal["zscore", "sigmoid", "surprise"] = "zscore"
+    """ΔSC: z(M_A) − z(M_G), σ(M_A) − σ(M_G), or −M_G."""
+    target: Literal["hard", "soft"] = "soft"
+    """hard: CE to argmax ΔSC; soft: KL(softmax(ΔSC/τ) ‖ p)."""
+    tau: float = 1.0
+    """Temperature τ of the soft target (also used for the kl_div metric)."""
+    decoupled: bool = True
+    """True: only smk_loss trains the router (main loss sees a detached router); False: both do."""
+
+    def __post_init__(self) -> None:
+        if self.tau <= 0:
+            raise ValueError(f"router.tau={self.tau} must be > 0")
+        if self.weight < 0 or self.z_loss_weight < 0:
+            raise ValueError(f"router.weight={self.weight} / router.z_loss_weight={self.z_loss_weight} must be >= 0")

@@ -1,0 +1,45 @@
+"""Small shared fixtures: a tiny model config and a random-token datamodule."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from smk_lightning.model import ModelConfig
+
+
+def tiny_model(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=32, num_experts=4,
+                top_k=2, d_ff=24)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+class RandomTokens(Dataset):
+    def __init__(self, n: int, seq_len: int, vocab: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, vocab, (n, seq_len + 1), generator=g)
+        self.domain = torch.randint(0, 3, (n, seq_len), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i, :-1], "targets": self.data[i, 1:], "domain": self.domain[i]}
+
+
+class RandomDataModule(L.LightningDataModule):
+    domain_names = ["a", "b", "c"]
+    tokenizer = None
+
+    def __init__(self, n: int = 16, seq_len: int = 16, vocab: int = 64, batch_size: int = 4) -> None:
+        super().__init__()
+        self.ds = RandomTokens(n, seq_len, vocab)
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        return DataLoader(self.ds, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self.ds, batch_size=self.batch_size)
