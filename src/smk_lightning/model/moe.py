@@ -54,9 +54,9 @@ class Capture:
 def route(logits_NE: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax → top-k → (optionally) renormalised combine weights.
 
-    Returns (probs_NE, weights_NK, topi_NK); probabilities are computed in float32.
+    Returns (probs_NE, weights_NK, topi_NK); probabilities are computed in float32 at least.
     """
-    probs_NE = logits_NE.float().softmax(dim=-1)
+    probs_NE = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)).softmax(dim=-1)
     topw_NK, topi_NK = probs_NE.topk(top_k, dim=-1)
     if renormalize:
         topw_NK = topw_NK / topw_NK.sum(dim=-1, keepdim=True)

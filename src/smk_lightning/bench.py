@@ -1,0 +1,170 @@
+"""``smk-bench``: the same training step with and without statistics, side by side in one
+process, as ratios to the plain step (DESIGN §5).
+
+    smk-bench --config configs/default.yaml --steps 5 --json bench.json
+
+Each variant trains ``warmup + steps`` steps of the real ``SMKModule.training_step``
+(Lightning manual optimisation) on random tokens of the config's shape; the median
+step time after warm-up is reported. Peak memory: CUDA peak allocated on GPU; on CPU
+the process RSS, sampled every 2 ms during the variant's steps (the CPU allocator
+returns large blocks to the OS, so this tracks each variant's working set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import psutil
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from smk_lightning.model import ModelConfig
+from smk_lightning.module import SMKModule
+from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+
+VARIANTS = {
+    # name: (stats engine, scope, probe_fraction, dense_only)
+    "plain": (None, None, None, False),
+    "ghost_routed": ("ghost", "routed", None, False),
+    "ghost_dense": ("ghost", "dense", None, False),
+    "ghost_probe25": ("ghost", "probe", 0.25, False),
+    "vmap_routed": ("vmap", "routed", None, False),
+    "vmap_dense": ("vmap", "dense", None, False),
+    "dense_ffn": (None, None, None, True),
+}
+
+
+class StepTimer(L.Callback):
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self._t = device, [], 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync()
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self._t)
+
+
+class RSSPeak:
+    """Peak resident memory of this process while active (sampling thread)."""
+
+    def __enter__(self):
+        self.peak, self._stop, proc = 0, False, psutil.Process()
+
+        def run():
+            while not self._stop:
+                self.peak = max(self.peak, proc.memory_info().rss)
+                time.sleep(0.002)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._thread.join()
+
+
+def load_shape(config: Path) -> tuple[ModelConfig, OptimConfig, int, int, str, int]:
+    """(model config, optim config, seq_len, batch_size, precision, vmap_chunk) from a YAML config."""
+    cfg = yaml.safe_load(config.read_text()) or {}
+    m, d, t = cfg.get("model", {}) or {}, cfg.get("data", {}) or {}, cfg.get("trainer", {}) or {}
+    model_kw = dict(m.get("model", {}) or {})
+    if "vocab_size" in d:
+        model_kw["vocab_size"] = d["vocab_size"]
+    stats_kw = m.get("stats", {}) or {}
+    return (ModelConfig(**model_kw), OptimConfig(**(m.get("optim", {}) or {})), int(d.get("seq_len", 128)),
+            int(d.get("batch_size", 16)), str(t.get("precision", "32-true")),
+            int(stats_kw.get("vmap_chunk_size", StatsConfig.vmap_chunk_size)))
+
+
+def random_batches(n: int, batch_size: int, seq_len: int, vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, vocab, (n * batch_size, seq_len + 1), generator=g)
+    return [{"input_ids": r[:-1], "targets": r[1:], "domain": torch.zeros(seq_len, dtype=torch.long)} for r in data]
+
+
+def run_variant(name: str, model_cfg: ModelConfig, optim: OptimConfig, seq_len: int, batch_size: int,
+                precision: str, steps: int, warmup: int, device: torch.device, vmap_chunk: int) -> dict:
+    engine, scope, rho, dense_only = VARIANTS[name]
+    stats = StatsConfig(enabled=engine is not None, engine=engine or "ghost", scope=scope or "routed",
+                        probe_fraction=rho or 0.25, val_batches=0, vmap_chunk_size=vmap_chunk)
+    # smk_loss on whenever statistics are: the variant then times the full smk step.
+    router = RouterConfig(loss="smk" if engine else "none")
+    torch.manual_seed(0)
+    module = SMKModule(model=model_cfg, optim=replace(optim, warmup_steps=1), stats=stats, router=router,
+                       dense_only=dense_only)
+    timer = StepTimer(device)
+    total = warmup + steps
+    loader = DataLoader(random_batches(total, batch_size, seq_len, model_cfg.vocab_size), batch_size=batch_size)
+    trainer = L.Trainer(max_steps=total, accelerator=device.type, devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[timer])
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with RSSPeak() as rss:
+        trainer.fit(module, train_dataloaders=loader)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak / 2**20
+    return {"step_s": statistics.median(timer.times[warmup:]), "peak_mb": peak}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="smk-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="YAML config whose model and data shape to time")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--precision", default=None, help="override the config's trainer.precision")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if not args.config.is_file():
+        ap.error(f"--config {args.config} does not exist; pass a YAML from configs/")
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps} must be >= 1")
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
+    device = torch.device(dev)
+    model_cfg, optim, seq_len, batch_size, precision, vmap_chunk = load_shape(args.config)
+    if args.precision:
+        precision = args.precision
+    if device.type == "cpu" and "bf16" in precision:
+        precision = "32-true"
+    if "plain" not in args.variants:
+        args.variants.insert(0, "plain")
+    results = {}
+    for name in args.variants:
+        results[name] = run_variant(name, model_cfg, optim, seq_len, batch_size, precision, args.steps,
+                                    args.warmup, device, vmap_chunk)
+        print(f"  {name:14s} {results[name]['step_s'] * 1e3:9.1f} ms/step  {results[name]['peak_mb']:9.0f} MB", flush=True)
+    base = results["plain"]["step_s"]
+    results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
+    n_params = sum(p.numel() for p in SMKModule(model=model_cfg).parameters())
+    results["meta"] = {"config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+                       "precision": precision, "batch_size": batch_size, "seq_len": seq_len, "params": n_params,
+                       "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__}
+    print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, {n_params / 1e6:.1f} M params")
+    print(f"{'variant':14s} {'ms/step':>9s} {'× plain':>8s} {'peak MB':>9s}")
+    for name in args.variants:
+        r = results[name]
+        print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {results['ratios'][name]:8.2f} {r['peak_mb']:9.0f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

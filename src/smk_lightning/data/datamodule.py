@@ -1,0 +1,350 @@
+"""``SMKDataModule``: streamed, packed, resumable language-model data for Lightning."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+
+from .corpus import DOMAINS, corpus_dir, write_corpus
+from .loader import EpochStatefulDataLoader
+from .metrics import unigram_entropy
+from .stream import PackedTokenStream, Source
+from .tokenizer import EOT_ID, get_or_train_tokenizer, load_tokenizer
+
+DATA_FORMATS = ("text", "json", "parquet")
+#: Generous characters-per-token used to size the embedded corpus (measured ~3.1 at
+#: vocab 2048); each pass is then capped at exactly ``train_tokens`` / ``val_tokens``.
+CHARS_PER_TOKEN = 4.0
+TOKENIZER_TRAIN_CHARS = 2_000_000
+
+
+def _one_line(msg: str) -> ValueError:
+    return ValueError(" ".join(msg.split()))
+
+
+class SMKDataModule(L.LightningDataModule):
+    """Streamed, tokenized and packed language-model data with exact mid-epoch resume.
+
+    By default an embedded synthetic corpus with five domains (prose, arithmetic,
+    code, records, copy) is generated once into ``cache_dir``; local files or a
+    Hugging Face hub dataset can be used instead. Every source is streamed with
+    ``datasets.load_dataset(..., streaming=True)``, sharded over ranks and
+    dataloader workers, tokenized with a byte-level BPE (trained on the head of
+    the training stream and cached), separated by ``<|endoftext|>`` (id 0) and
+    packed into windows. A batch is a dict of ``[batch_size, seq_len]`` int64
+    tensors: ``input_ids``, ``targets`` (``input_ids`` shifted by one) and
+    ``domain`` (index into ``domain_names`` of each target token's document).
+
+    Args:
+        seq_len: Tokens per training example (context length).
+        batch_size: Examples per batch on each device.
+        train_tokens: Target tokens per training epoch. For the embedded corpus this
+            also sizes the generated training split; an epoch stops after this many
+            tokens. Ignored for user data (an epoch is one pass over the files).
+        val_tokens: Tokens in the embedded corpus's validation split (the fixed
+            validation set; identical on every validation run).
+        vocab_size: Target size of the BPE vocabulary; the model's vocabulary is
+            linked to this value. The trained tokenizer may end up smaller, never larger.
+        seed: Seed of the embedded corpus, the tokenizer cache key and the training
+            shuffle order.
+        data_files: Path or glob (comma-separated for several) of local files to
+            train on instead of the embedded corpus. None uses the embedded corpus.
+        data_format: Format of ``data_files``: "text" (one document per line;
+            lines that are not valid UTF-8 are skipped and counted), "json"
+            (JSON lines) or "parquet".
+        text_field: Field holding the document text in json/parquet/hub rows.
+        hub_dataset: Name of a Hugging Face hub dataset to stream (its "train"
+            split) instead of local files; needs network access. Takes precedence
+            over ``data_files``.
+        val_fraction_docs: For user data, about one document in this many goes to
+            validation (chosen by a hash of its text, so the split does not depend on
+            ranks or workers); the rest is training data.
+        tokenizer_path: Existing tokenizer.json to use instead of training one; its
+            vocabulary must not exceed ``vocab_size``.
+        cache_dir: Directory for the generated corpus and cached tokenizers.
+        num_workers: Dataloader worker processes per device (0 = main process).
+            Work is split by file shards, so more workers than shards idle.
+        shuffle_buffer: Documents held in the training shuffle buffer (it is saved
+            in checkpoints, so keep it moderate).
+    """
+
+    def __init__(
+        self,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        train_tokens: int = 2_500_000,
+        val_tokens: int = 65_536,
+        vocab_size: int = 2048,
+        seed: int = 1234,
+        data_files: str | None = None,
+        data_format: Literal["text", "json", "parquet"] = "text",
+        text_field: str = "text",
+        hub_dataset: str | None = None,
+        val_fraction_docs: int = 50,
+        tokenizer_path: str | None = None,
+        cache_dir: str = "data_cache",
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if data_format not in DATA_FORMATS:
+            raise _one_line(
+                f"data_format={data_format!r} is not supported; use one of {', '.join(DATA_FORMATS)}."
+            )
+        if seq_len < 1 or batch_size < 1:
+            raise _one_line(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1.")
+        if val_fraction_docs < 2:
+            raise _one_line(
+                f"val_fraction_docs={val_fraction_docs} must be >= 2 (one doc in n goes to validation)."
+            )
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.train_tokens = train_tokens
+        self.val_tokens = val_tokens
+        self.vocab_size = vocab_size
+        self.seed = seed
+        self.data_format = data_format
+        self.text_field = text_field
+        self.hub_dataset = hub_dataset
+        self.val_fraction_docs = val_fraction_docs
+        self.tokenizer_path = tokenizer_path
+        self.cache_dir = cache_dir
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.data_files: list[str] | None = None
+        if hub_dataset is None and data_files is not None:
+            self.data_files = self._resolve_files(data_files)
+        self._tokenizer = None
+        self._tokenizer_file: str | None = None
+        self._train_ds: PackedTokenStream | None = None
+        self._val_ds: PackedTokenStream | None = None
+        self._val_entropy: float | None = None
+        self.bad_lines = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def embedded(self) -> bool:
+        return self.hub_dataset is None and self.data_files is None
+
+    @property
+    def domain_names(self) -> list[str]:
+        """Names of the domain labels in batches: the embedded domains, or ["text"]."""
+        return list(DOMAINS) if self.embedded else ["text"]
+
+    @property
+    def eot_id(self) -> int:
+        return EOT_ID
+
+    @property
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` (available after ``prepare_data``/``setup``)."""
+        if self._tokenizer is None:
+            self._prepare()
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ sources
+    def _resolve_files(self, spec: str) -> list[str]:
+        files: list[str] = []
+        for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+            matches = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+            matches = [m for m in matches if os.path.isfile(m)]
+            if not matches:
+                raise _one_line(
+                    f"data_files={part!r} matches no file; pass an existing path or glob, "
+                    f"or leave data_files unset to use the embedded corpus."
+                )
+            files += matches
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise _one_line(
+                f"data_files={spec!r}: all {len(files)} file(s) are empty; pass files with text in them."
+            )
+        return files
+
+    def _embedded_paths(self) -> tuple[int, int]:
+        train_chars = max(int(self.train_tokens * CHARS_PER_TOKEN), 20_000)
+        val_chars = max(int(self.val_tokens * CHARS_PER_TOKEN), 20_000)
+        return train_chars, val_chars
+
+    def _sources(self) -> tuple[Source, Source]:
+        if self.embedded:
+            train_files, val_files = write_corpus(
+                self.cache_dir, self.seed, *self._embedded_paths()
+            )
+            kw = dict(format="json", domain_field="domain", domain_names=tuple(DOMAINS))
+            return Source(data_files=tuple(train_files), **kw), Source(
+                data_files=tuple(val_files), **kw
+            )
+        kw = dict(
+            format="hub" if self.hub_dataset else self.data_format,
+            data_files=tuple(self.data_files or ()),
+            hub_dataset=self.hub_dataset,
+            text_field=self.text_field,
+            val_every=self.val_fraction_docs,
+        )
+        return Source(split="train", **kw), Source(split="val", **kw)
+
+    def _tokenizer_cache(self) -> Path:
+        if self.embedded:
+            d = corpus_dir(self.cache_dir, self.seed, *self._embedded_paths())
+            return d / f"tokenizer_vocab{self.vocab_size}.json"
+        if self.hub_dataset:
+            desc = f"hub:{self.hub_dataset}:{self.text_field}"
+        else:
+            stats = [
+                (os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f)))
+                for f in self.data_files
+            ]
+            desc = f"{self.data_format}:{self.text_field}:{stats}"
+        key = hashlib.sha1(
+            f"{desc}|{self.vocab_size}|{self.seed}|{self.val_fraction_docs}".encode()
+        ).hexdigest()[:16]
+        return Path(self.cache_dir) / f"tokenizer_{key}" / "tokenizer.json"
+
+    def _scan_text_files(self) -> None:
+        """Count lines that are not valid UTF-8; fail if no usable line remains."""
+        bad = good = 0
+        for f in self.data_files:
+            with open(f, "rb") as fh:
+                for raw in fh:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad += 1
+                        continue
+                    if line.strip():
+                        good += 1
+        self.bad_lines = bad
+        if good == 0:
+            raise _one_line(
+                f"data_files {self.hparams.data_files!r} contain no usable text lines "
+                f"({bad} invalid UTF-8 lines); pass UTF-8 text files with content."
+            )
+        if bad:
+            warnings.warn(
+                f"data_files: skipping {bad} line(s) that are not valid UTF-8 ({good} usable lines).",
+                stacklevel=2,
+            )
+
+    def _prepare(self) -> None:
+        """Write the corpus and train/load the tokenizer (idempotent, cached on disk)."""
+        if self._tokenizer is not None:
+            return
+        if self.data_files is not None and self.data_format == "text" and not self.hub_dataset:
+            self._scan_text_files()
+        train_src, _ = self._sources()
+        if self.tokenizer_path:
+            self._tokenizer = load_tokenizer(self.tokenizer_path, self.vocab_size)
+            self._tokenizer_file = str(self.tokenizer_path)
+            return
+        cache = self._tokenizer_cache()
+
+        def head_texts():
+            for ex in train_src.load():
+                doc = train_src.parse(ex)
+                if doc is not None:
+                    yield doc[0]
+
+        self._tokenizer = get_or_train_tokenizer(
+            cache, head_texts, self.vocab_size, TOKENIZER_TRAIN_CHARS
+        )
+        self._tokenizer_file = str(cache)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def prepare_data(self) -> None:
+        self._prepare()
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return int(trainer.global_rank), int(trainer.world_size)
+        return 0, 1
+
+    def _make_stream(self, split: str, rank: int = 0, world: int = 1) -> PackedTokenStream:
+        train_src, val_src = self._sources()
+        if split == "train":
+            return PackedTokenStream(
+                train_src,
+                self._tokenizer_file,
+                self.seq_len,
+                rank,
+                world,
+                shuffle=True,
+                seed=self.seed,
+                token_cap=self.train_tokens if self.embedded else None,
+                buffer_docs=self.shuffle_buffer,
+            )
+        return PackedTokenStream(
+            val_src,
+            self._tokenizer_file,
+            self.seq_len,
+            rank,
+            world,
+            shuffle=False,
+            seed=self.seed,
+            token_cap=self.val_tokens if self.embedded else None,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare()
+        if self._train_ds is not None:
+            return
+        rank, world = self._rank_world()
+        for split in ("train", "val"):
+            probe = next(iter(self._make_stream(split)), None)
+            if probe is None:
+                hint = (
+                    "use more data or a smaller seq_len"
+                    if split == "train"
+                    else "use more data, a smaller seq_len or a smaller val_fraction_docs"
+                )
+                raise _one_line(
+                    f"the {split} split has fewer than seq_len+1={self.seq_len + 1} tokens; {hint}."
+                )
+        self._train_ds = self._make_stream("train", rank, world)
+        self._val_ds = self._make_stream("val", rank, world)
+
+    def _loader(
+        self, ds: PackedTokenStream, drop_last: bool, lag: int = 0
+    ) -> EpochStatefulDataLoader:
+        return EpochStatefulDataLoader(
+            ds,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            drop_last=drop_last,
+            persistent_workers=False,
+            consumer_lag=lag,
+        )
+
+    def train_dataloader(self) -> EpochStatefulDataLoader:
+        if self._train_ds is None:
+            self.setup("fit")
+        # Lightning's fit loop prefetches one batch before checkpointing (see EpochStatefulDataLoader)
+        lag = 1 if getattr(self, "trainer", None) is not None else 0
+        return self._loader(self._train_ds, drop_last=True, lag=lag)
+
+    def val_dataloader(self) -> EpochStatefulDataLoader:
+        if self._val_ds is None:
+            self.setup("validate")
+        return self._loader(self._val_ds, drop_last=False)
+
+    # ------------------------------------------------------------------ statistics
+    def val_unigram_entropy(self) -> float:
+        """Unigram entropy (nats) of the whole validation split's target tokens."""
+        if self._val_entropy is None:
+            self._prepare()
+            import torch
+
+            targets = [b["targets"] for b in self._make_stream("val")]
+            if not targets:
+                raise _one_line(
+                    "the validation split is empty; use more data or a smaller seq_len."
+                )
+            self._val_entropy = unigram_entropy(torch.cat(targets))
+        return self._val_entropy
