@@ -5,9 +5,11 @@ process, as ratios to the plain step (DESIGN §5).
 
 Each variant trains ``warmup + steps`` steps of the real ``SMKModule.training_step``
 (Lightning manual optimisation) on random tokens of the config's shape; the median
-step time after warm-up is reported. Peak memory: CUDA peak allocated on GPU; on CPU
-the process RSS, sampled every 2 ms during the variant's steps (the CPU allocator
-returns large blocks to the OS, so this tracks each variant's working set).
+step time after warm-up is reported; variants are interleaved over ``--rounds`` so slow
+drifts of a shared machine hit all of them alike. Peak memory: CUDA peak allocated on
+GPU; on CPU the growth of the process RSS during the variant's steps, sampled every
+2 ms (the CPU allocator returns large blocks to the OS, so this is the step's working
+set: activations, gradients, statistics — and in the first round the optimizer state).
 """
 
 from __future__ import annotations
@@ -60,10 +62,11 @@ class StepTimer(L.Callback):
 
 
 class RSSPeak:
-    """Peak resident memory of this process while active (sampling thread)."""
+    """Peak growth of this process's resident memory while active (sampling thread)."""
 
     def __enter__(self):
-        self.peak, self._stop, proc = 0, False, psutil.Process()
+        self._stop, proc = False, psutil.Process()
+        self.start = self.peak = proc.memory_info().rss
 
         def run():
             while not self._stop:
@@ -98,36 +101,42 @@ def random_batches(n: int, batch_size: int, seq_len: int, vocab: int) -> list[di
     return [{"input_ids": r[:-1], "targets": r[1:], "domain": torch.zeros(seq_len, dtype=torch.long)} for r in data]
 
 
-def run_variant(name: str, model_cfg: ModelConfig, optim: OptimConfig, seq_len: int, batch_size: int,
-                precision: str, steps: int, warmup: int, device: torch.device, vmap_chunk: int) -> dict:
+def build_module(name: str, model_cfg: ModelConfig, optim: OptimConfig, vmap_chunk: int) -> SMKModule:
     engine, scope, rho, dense_only = VARIANTS[name]
     stats = StatsConfig(enabled=engine is not None, engine=engine or "ghost", scope=scope or "routed",
                         probe_fraction=rho or 0.25, val_batches=0, vmap_chunk_size=vmap_chunk)
-    # smk_loss on whenever statistics are: the variant then times the full smk step.
+    # smk_loss is on whenever statistics are: the variant times the full smk step.
     router = RouterConfig(loss="smk" if engine else "none")
     torch.manual_seed(0)
-    module = SMKModule(model=model_cfg, optim=replace(optim, warmup_steps=1), stats=stats, router=router,
-                       dense_only=dense_only)
+    return SMKModule(model=model_cfg, optim=replace(optim, warmup_steps=1), stats=stats, router=router,
+                     dense_only=dense_only)
+
+
+def time_steps(module: SMKModule, batches: list[dict], batch_size: int, precision: str, warmup: int,
+               device: torch.device) -> tuple[list[float], float]:
+    """Fit ``len(batches)`` steps; (step times after warm-up, peak MB)."""
     timer = StepTimer(device)
-    total = warmup + steps
-    loader = DataLoader(random_batches(total, batch_size, seq_len, model_cfg.vocab_size), batch_size=batch_size)
-    trainer = L.Trainer(max_steps=total, accelerator=device.type, devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[timer])
+    loader = DataLoader(batches, batch_size=batch_size)
+    trainer = L.Trainer(max_steps=len(batches) // batch_size, accelerator=device.type, devices=1,
+                        precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     with RSSPeak() as rss:
         trainer.fit(module, train_dataloaders=loader)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss.peak / 2**20
-    return {"step_s": statistics.median(timer.times[warmup:]), "peak_mb": peak}
+    if device.type == "cuda":
+        return timer.times[warmup:], torch.cuda.max_memory_allocated(device) / 2**20
+    return timer.times[warmup:], (rss.peak - rss.start) / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="smk-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="YAML config whose model and data shape to time")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleave the variants this many times (vmap variants run once: they are slow)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--precision", default=None, help="override the config's trainer.precision")
@@ -146,11 +155,22 @@ def main(argv: list[str] | None = None) -> None:
         precision = "32-true"
     if "plain" not in args.variants:
         args.variants.insert(0, "plain")
-    results = {}
-    for name in args.variants:
-        results[name] = run_variant(name, model_cfg, optim, seq_len, batch_size, precision, args.steps,
-                                    args.warmup, device, vmap_chunk)
-        print(f"  {name:14s} {results[name]['step_s'] * 1e3:9.1f} ms/step  {results[name]['peak_mb']:9.0f} MB", flush=True)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    batches = random_batches(args.warmup + args.steps, batch_size, seq_len, model_cfg.vocab_size)
+    modules = {name: build_module(name, model_cfg, optim, vmap_chunk) for name in args.variants}
+    times: dict[str, list[float]] = {name: [] for name in args.variants}
+    peaks: dict[str, float] = dict.fromkeys(args.variants, 0.0)
+    for r in range(args.rounds):
+        for name in args.variants:
+            if name.startswith("vmap") and r > 0:
+                continue
+            ts, peak = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
+            times[name] += ts
+            peaks[name] = max(peaks[name], peak)
+            print(f"  round {r + 1}/{args.rounds} {name:14s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)
+    results = {name: {"step_s": statistics.median(times[name]), "peak_mb": peaks[name]} for name in args.variants}
     base = results["plain"]["step_s"]
     results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
     n_params = sum(p.numel() for p in SMKModule(model=model_cfg).parameters())

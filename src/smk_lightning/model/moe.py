@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +38,33 @@ class Routing:
 
 @dataclass
 class Capture:
-    """What one forward pass leaves for the statistics of the same step."""
+    """What one forward/backward pass leaves for the statistics of the same step.
+
+    Per expert ``e`` (lists of length E, rows in sorted-pair order) the forward stores
+    ‖y‖ and ‖h‖², and tensor hooks on y, u (and v) store the squared row norms of the
+    gradients the normal backward computes anyway: w·ḡ, w·g_u, w·g_v, with w the pair's
+    combine weight. No extra matmul, no per-token gradient.
+    """
 
     x_ND: Tensor  # layer input (detached)
-    logits_NE: Tensor  # router logits (detached, float32)
     weights_NK: Tensor  # combine weights (detached)
     routing: Routing
-    u_PF: Tensor  # x @ w1 for the sorted pairs (detached; autograd keeps it alive anyway)
-    v_PF: Tensor | None  # x @ w3 (SwiGLU only)
-    ma_P: Tensor  # ‖f_e(x_t)‖ for the sorted pairs, float32+
-    hsq_P: Tensor  # ‖h‖² for the sorted pairs, float32+
-    grad_scale: float = 1.0  # multiplies the captured gradient (mean-loss → sum-loss)
-    grad_ND: Tensor | None = None  # ∂L_sum/∂o, filled by the output hook during backward
+    ma: list[Tensor]  # ‖f_e(x_t)‖, float32+
+    hsq: list[Tensor]  # ‖h‖², float32+
+    gysq: list[Tensor]  # ‖∂L/∂y‖² = w²‖ḡ‖² (mean-loss gradient)
+    gusq: list[Tensor]  # ‖∂L/∂u‖² = w²‖g_u‖²
+    gvsq: list[Tensor]  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for GELU)
+    grad_scale: float = 1.0  # multiplies the captured gradients (mean-loss → sum-loss)
+    grad_ND: Tensor | None = None  # ∂L/∂o, caught by the output hook (unscaled)
+
+
+def _store_sq(slots: list[Tensor], e: int, grad: Tensor) -> None:
+    """Tensor hook: keep the squared row norms of a gradient, accumulated in float32+."""
+    slots[e] = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
+
+
+def _store(obj, attr: str, _unused, grad: Tensor) -> None:
+    setattr(obj, attr, grad.detach())
 
 
 def route(logits_NE: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -140,55 +156,47 @@ class MoELayer(nn.Module):
 
         tok_P = routing.order_P // self.top_k
         xs_PD = x_ND[tok_P]
-        ys, us, vs = [], [], []
+        cap = self._new_capture(x_ND, weights_NK, routing) if self.capture_stats and torch.is_grad_enabled() else None
+        ys = []
         for e, xs_nD in enumerate(xs_PD.split(routing.counts_E)):
             w1, w2, w3 = self.expert_weights(e)
             u = xs_nD @ w1
-            if w3 is None:
-                v = None
-                h = F.gelu(u)
-            else:
-                v = xs_nD @ w3
-                h = F.silu(u) * v
-            ys.append(h @ w2)
-            us.append(u)
-            vs.append(v)
+            v = None if w3 is None else xs_nD @ w3
+            h = F.gelu(u) if v is None else F.silu(u) * v
+            y = h @ w2
+            if cap is not None:
+                self._capture_expert(cap, e, u, v, h, y)
+            ys.append(y)
         ys_PD = torch.cat(ys)
-
-        if self.capture_stats and torch.is_grad_enabled():
-            self._capture(x_ND, logits_NE, weights_NK, routing, us, vs, ys_PD)
 
         # Unsort: pair p of the flattened (token, slot) order sits at position order_P^-1.
         y_PD = torch.empty_like(ys_PD).index_copy_(0, routing.order_P, ys_PD)
         out_ND = (y_PD.view(-1, self.top_k, self.d_model) * weights_NK.unsqueeze(-1).to(y_PD.dtype)).sum(1)
-        if self.capture is not None and out_ND.requires_grad:
-            out_ND.register_hook(self._grad_hook)
+        if cap is not None and out_ND.requires_grad:
+            out_ND.register_hook(partial(_store, cap, "grad_ND", None))
         return out_ND.view(shape)
 
     # -- statistics capture ---------------------------------------------------------------
-    def _capture(self, x_ND, logits_NE, weights_NK, routing, us, vs, ys_PD) -> None:
-        acc = torch.promote_types(ys_PD.dtype, torch.float32)
-        u_PF = torch.cat(us).detach()
-        v_PF = None if vs[0] is None else torch.cat(vs).detach()
-        with torch.no_grad():
-            h_PF = F.gelu(u_PF) if v_PF is None else F.silu(u_PF) * v_PF
-            hsq_P = h_PF.to(acc).square().sum(-1)
-            ma_P = ys_PD.detach().to(acc).norm(dim=-1)
-        self.capture = Capture(
-            x_ND=x_ND.detach(),
-            logits_NE=logits_NE.detach().float(),
-            weights_NK=weights_NK.detach(),
-            routing=routing,
-            u_PF=u_PF,
-            v_PF=v_PF,
-            ma_P=ma_P,
-            hsq_P=hsq_P,
-        )
+    def _new_capture(self, x_ND: Tensor, weights_NK: Tensor, routing: Routing) -> Capture | None:
+        if self.capture is not None:  # activation-checkpoint recompute: keep the first capture
+            return None
+        dev, E = x_ND.device, self.num_experts
+        zeros = lambda: [torch.zeros(n, device=dev) for n in routing.counts_E]  # noqa: E731
+        self.capture = Capture(x_ND.detach(), weights_NK.detach(), routing, [None] * E, [None] * E,
+                               zeros(), zeros(), zeros())
+        return self.capture
 
-    def _grad_hook(self, grad_ND: Tensor) -> None:
-        cap = self.capture
-        if cap is not None:
-            cap.grad_ND = grad_ND.detach() * cap.grad_scale
+    @staticmethod
+    def _capture_expert(cap: Capture, e: int, u: Tensor, v: Tensor | None, h: Tensor, y: Tensor) -> None:
+        acc = torch.promote_types(y.dtype, torch.float32)
+        with torch.no_grad():
+            cap.ma[e] = torch.linalg.vector_norm(y, dim=-1, dtype=acc)
+            cap.hsq[e] = torch.linalg.vector_norm(h, dim=-1, dtype=acc).square()
+        if y.requires_grad:
+            y.register_hook(partial(_store_sq, cap.gysq, e))
+            u.register_hook(partial(_store_sq, cap.gusq, e))
+            if v is not None:
+                v.register_hook(partial(_store_sq, cap.gvsq, e))
 
     def release_graph(self) -> None:
         """Detach the kept router outputs so no autograd graph outlives the step."""

@@ -1,8 +1,9 @@
 """Statistics of a training step, from what ``MoELayer`` captured in the forward and the
 upstream gradient its output hook caught in the one main backward.
 
-With the ghost engine, routed pairs reuse the forward's pre-activations, ‖h‖² and
-‖y‖: the only new matmul is g W2ᵀ on the routed pairs. Entries outside the routed set
+With the ghost engine, routed pairs need no new matmul: the forward kept ‖y‖ and ‖h‖²,
+and hooks kept the row norms of the backward's own gradients of y, u and v (see
+``smk_lightning.model.moe.Capture``). Entries outside the routed set
 (dense / probe scope) are computed from scratch by ``ghost_stats``, with no graph.
 Other engines recompute everything from the captured input and gradient.
 """
@@ -16,7 +17,6 @@ from torch import Tensor
 
 from smk_lightning.model.moe import MoELayer
 from smk_lightning.stats.ghost import ghost_stats
-from smk_lightning.stats.rules import ghost_mg
 from smk_lightning.stats.scopes import routed_mask, scope_mask
 
 
@@ -33,25 +33,31 @@ def step_stats(layer: MoELayer, engine: Callable, scope: str, probe_fraction: fl
         )
     routing, E = cap.routing, layer.num_experts
     mask_NE = scope_mask(routing.topi_NK, E, scope, probe_fraction, generator)
-    dt = torch.promote_types(cap.ma_P.dtype, cap.grad_ND.dtype)
+    dt = torch.promote_types(cap.ma[0].dtype, cap.grad_ND.dtype)
     M_A = torch.full(mask_NE.shape, float("nan"), dtype=dt, device=mask_NE.device)
     M_G = M_A.clone()
+    g_ND = cap.grad_ND.to(dt) * cap.grad_scale  # ∂L_sum/∂o (DESIGN §2)
     if engine is not ghost_stats:
-        engine(layer, cap.x_ND, cap.grad_ND, mask_NE, M_A, M_G)
+        engine(layer, cap.x_ND, g_ND, mask_NE, M_A, M_G)
         return M_A, M_G, mask_NE
 
+    # Routed pairs: every factor of the closed form came out of the forward and the
+    # normal backward (see ``Capture``); the backward's gradients carry the pair's combine
+    # weight w, which is divided out here.
     tok_P = routing.order_P // layer.top_k
     exp_P = routing.topi_NK.reshape(-1)[routing.order_P]
-    g_PD = cap.grad_ND.to(dt)[tok_P]
-    gh_PF = torch.cat([
-        g_nD @ layer.w2[e].detach().to(dt).T for e, g_nD in enumerate(g_PD.split(routing.counts_E))
-    ])
+    w_P = cap.weights_NK.reshape(-1)[routing.order_P].to(dt)
+    cat = lambda xs: torch.cat(xs).to(dt)  # noqa: E731
     xsq_P = cap.x_ND.to(dt).square().sum(-1)[tok_P]
-    u_PF = cap.u_PF.to(dt)
-    v_PF = None if cap.v_PF is None else cap.v_PF.to(dt)
-    M_A[tok_P, exp_P] = cap.ma_P.to(dt)
-    M_G[tok_P, exp_P] = ghost_mg(xsq_P, g_PD.square().sum(-1), gh_PF, u_PF, v_PF, cap.hsq_P.to(dt))
+    inner_P = cat(cap.gysq) * cat(cap.hsq) + (cat(cap.gusq) + cat(cap.gvsq)) * xsq_P
+    mg_P = inner_P.sqrt() * (cap.grad_scale / w_P)
+    M_A[tok_P, exp_P] = cat(cap.ma)
+    M_G[tok_P, exp_P] = mg_P
+    # A pair whose weight is (nearly) zero got (nearly) no gradient: recompute it exactly.
+    lost_P = w_P < torch.finfo(dt).tiny ** 0.5
     extra_NE = mask_NE & ~routed_mask(routing.topi_NK, E)
+    if lost_P.any():
+        extra_NE[tok_P[lost_P], exp_P[lost_P]] = True
     if extra_NE.any():
-        ghost_stats(layer, cap.x_ND, cap.grad_ND, extra_NE, M_A, M_G)
+        ghost_stats(layer, cap.x_ND, g_ND, extra_NE, M_A, M_G)
     return M_A, M_G, mask_NE
