@@ -45,14 +45,21 @@ class SMKCLI(LightningCLI):
         parser.add_lightning_class_args(TextSampler, "samples")
 
 
-def main(args: list[str] | None = None) -> None:
-    SMKCLI(
+def make_cli(args: list[str] | None = None, run: bool = True) -> SMKCLI:
+    """Build (and with ``run``, execute) the CLI; ``run=False`` parses and instantiates only."""
+    return SMKCLI(
         SMKModule,
         SMKDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
+        seed_everything_default=1234,
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    make_cli(args)
 
 
 if __name__ == "__main__":

@@ -32,10 +32,10 @@ from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 class SMKModule(L.LightningModule):
     def __init__(
         self,
-        model: ModelConfig | None = None,
-        optim: OptimConfig | None = None,
-        stats: StatsConfig | None = None,
-        router: RouterConfig | None = None,
+        model: ModelConfig = ModelConfig(),  # noqa: B008 (frozen-by-convention defaults)
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
+        stats: StatsConfig = StatsConfig(),  # noqa: B008
+        router: RouterConfig = RouterConfig(),  # noqa: B008
         dense_only: bool = False,
     ) -> None:
         """MoE language model trained with manual optimisation.
@@ -49,10 +49,7 @@ class SMKModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.model_cfg = model or ModelConfig()
-        self.optim_cfg = optim or OptimConfig()
-        self.stats_cfg = stats or StatsConfig()
-        self.router_cfg = router or RouterConfig()
+        self.model_cfg, self.optim_cfg, self.stats_cfg, self.router_cfg = model, optim, stats, router
         self.automatic_optimization = False
         self.model = MoETransformer(self.model_cfg, dense_only=dense_only)
         self.moe_layers = self.model.moe_layers()

@@ -1,0 +1,74 @@
+"""End to end through the command line: smk fit / validate on the smoke config, the
+TensorBoard tags, and training on a user's plain-text file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from smk_lightning.cli import main
+
+SMOKE = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
+
+TAGS = {
+    "scalars": ["train/loss", "train/aux_loss", "train/smk_loss", "train/g_acc", "train/kl_div", "val/loss",
+                "val/ppl", "val/g_acc", "val/kl_div", "routing/load_max_share", "routing/entropy",
+                "routing/dead_experts", "routing/layer0/domain_nmi", "memory/peak_mb",
+                "throughput/tokens_per_s", "stats/layer0/M_A_mean", "stats/layer0/M_G_mean"],
+    "histograms": ["routing/layer0/load"],
+    "images": ["routing/layer0/expert_domain", "stats/layer0/M_G_expert_domain"],
+    "tensors": ["samples/text_summary"],
+}
+
+
+def event_tags(run_dir: Path) -> dict:
+    ea = EventAccumulator(str(next(run_dir.glob("events.out.tfevents.*"))),
+                          size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return ea.Tags()
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    cwd = Path.cwd()
+    import os
+
+    os.chdir(root)
+    try:
+        main(["fit", "--config", SMOKE, "--data.cache_dir", str(root / "cache")])
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def test_fit_writes_checkpoint_and_tags(smoke_run):
+    run_dir = smoke_run / "lightning_logs" / "smk" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    tags = event_tags(run_dir)
+    for kind, names in TAGS.items():
+        missing = set(names) - set(tags[kind])
+        assert not missing, f"missing {kind}: {missing}"
+
+
+def test_validate_from_checkpoint(smoke_run, monkeypatch):
+    monkeypatch.chdir(smoke_run)
+    ckpt = smoke_run / "lightning_logs" / "smk" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["validate", "--config", SMOKE, "--data.cache_dir", str(smoke_run / "cache"), "--ckpt_path", str(ckpt)])
+    tags = event_tags(smoke_run / "lightning_logs" / "smk" / "version_1")
+    assert "val/loss" in tags["scalars"] and "val/g_acc" in tags["scalars"]
+
+
+def test_fit_on_a_plain_text_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = [f"the {w} sat on the mat number {i} and looked at the {w}s." for i in range(400)
+             for w in ("cat", "dog", "bird")]
+    (tmp_path / "my.txt").write_text("\n".join(lines), encoding="utf-8")
+    main(["fit", "--config", SMOKE, "--data.data_files", str(tmp_path / "my.txt"), "--data.cache_dir",
+          str(tmp_path / "cache"), "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+          "--samples.every_n_steps", "0"])
+    run_dir = tmp_path / "lightning_logs" / "smk" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "val/loss" in event_tags(run_dir)["scalars"]
