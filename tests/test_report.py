@@ -1,0 +1,89 @@
+"""smk-report on two fake runs written with SummaryWriter (no training)."""
+
+from __future__ import annotations
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from smk_lightning.report import main
+
+SMK_CONFIG = "model:\n  router:\n    loss: smk\n  stats:\n    scope: probe\n    engine: ghost\n"
+
+
+def _write_run(run_dir, smk: bool, final_val_loss: float) -> None:
+    run_dir.mkdir(parents=True)
+    w = SummaryWriter(log_dir=str(run_dir))
+    for step in range(0, 101, 10):
+        w.add_scalar("train/loss", 5.0 - step / 50, step)
+        w.add_scalar("routing/load_max_share", 0.5 if step >= 80 else 0.9, step)
+        w.add_scalar("routing/dead_experts", 1.0 if step >= 80 else 3.0, step)
+        w.add_scalar("throughput/tokens_per_s", 1000.0 + step, step)
+        w.add_scalar("memory/peak_mb", 100.0 + step, step)
+        if smk:
+            w.add_scalar("train/g_acc", 0.25 + step / 400, step)
+            w.add_scalar("train/kl_div", 1.0 - step / 200, step)
+    for step, loss in [(50, 4.0), (100, final_val_loss)]:
+        w.add_scalar("val/loss", loss, step)
+        w.add_scalar("val/ppl", 2.0**loss, step)
+    w.add_scalar("routing/layer0/domain_nmi", 0.25, 100)
+    w.add_scalar("routing/layer1/domain_nmi", 0.5, 100)
+    w.close()
+    if smk:
+        (run_dir / "config.yaml").write_text(SMK_CONFIG)
+
+
+def _rows(md: str) -> dict[str, list[str]]:
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| ")]
+    header, *body = rows
+    return {r[0]: dict(zip(header, r)) for r in body}
+
+
+def test_report_two_runs(tmp_path):
+    _write_run(tmp_path / "logs" / "smk" / "version_3", smk=True, final_val_loss=2.25)
+    _write_run(tmp_path / "logs" / "switch" / "version_0", smk=False, final_val_loss=3.5)
+    out = tmp_path / "out"
+    # the switch run is passed by its parent dir: the version dir below is found
+    main([str(tmp_path / "logs" / "smk" / "version_3"), str(tmp_path / "logs" / "switch"),
+          "--out", str(out)])
+
+    md = (out / "report.md").read_text()
+    rows = _rows(md)
+    assert set(rows) == {"smk/version_3", "switch/version_0"}
+    smk, switch = rows["smk/version_3"], rows["switch/version_0"]
+    assert smk["router loss"] == "smk (probe/ghost)"
+    assert switch["router loss"] == "—"
+    assert smk["steps"] == "100"
+    assert smk["val loss"] == "2.25" and switch["val loss"] == "3.5"
+    assert smk["val ppl"] == "4.757"  # 2 ** 2.25
+    assert smk["g_acc"] == "0.5" and smk["kl_div"] == "0.5"
+    assert switch["g_acc"] == "—" and switch["kl_div"] == "—"
+    assert smk["load max share"] == "0.5"  # steps 80..100 are the last 20%
+    assert smk["dead experts"] == "1"
+    assert smk["domain NMI"] == "0.375"
+    assert smk["tokens/s"] == "1050"
+    assert smk["peak memory MB"] == "200"
+    assert "`routing/load_max_share`" in md  # legend
+
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_names(tmp_path):
+    _write_run(tmp_path / "a" / "version_0", smk=True, final_val_loss=2.5)
+    main([str(tmp_path / "a"), "--names", "mine", "--out", str(tmp_path)])
+    assert "mine" in _rows((tmp_path / "report.md").read_text())
+
+
+@pytest.mark.parametrize("make", [False, True])
+def test_bad_run_dir(tmp_path, capsys, make):
+    bad = tmp_path / "nope"
+    if make:
+        bad.mkdir()  # exists but holds no event file
+    with pytest.raises(SystemExit) as exc:
+        main([str(bad), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert str(bad) in err[0] and "lightning_logs" in err[0]
+    assert not (tmp_path / "report.md").exists()
