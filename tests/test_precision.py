@@ -21,7 +21,8 @@ def captured_stats(layer: MoELayer, x: torch.Tensor, g: torch.Tensor, scope: str
 
 
 def test_bf16_autocast_stats_match_float32():
-    """bf16 matmuls, float32 norm accumulation: within 5 % (median 1.5 %) of float32."""
+    """bf16 matmuls, float32 norm accumulation: 99 % of entries within 2 % (median 0.5 %) of
+    float32 (measured: p99 ≈ 0.5 %, max ≈ 0.7 %)."""
     torch.manual_seed(0)
     layer = MoELayer(64, 128, 8, 2)
     x = torch.randn(256, 64)
@@ -34,8 +35,8 @@ def test_bf16_autocast_stats_match_float32():
         assert both.sum() >= 0.95 * m32.sum()
         for a, b in ((A16, A32), (G16, G32)):
             rel = ((a[both] - b[both]).abs() / b[both]).float()
-            assert rel.median() < 0.015, rel.median()
-            assert torch.quantile(rel, 0.99) < 0.05, torch.quantile(rel, 0.99)
+            assert rel.median() < 0.005, rel.median()
+            assert torch.quantile(rel, 0.99) < 0.02, torch.quantile(rel, 0.99)
 
 
 def test_activation_checkpointing_gives_the_same_stats():

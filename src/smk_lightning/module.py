@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -27,6 +28,10 @@ from smk_lightning.model import ModelConfig, MoETransformer
 from smk_lightning.stats import ENGINES, step_stats
 from smk_lightning.stats.vmap import vmap_stats
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive training steps had a non-finite loss or gradient."""
 
 
 class SMKModule(L.LightningModule):
@@ -63,6 +68,9 @@ class SMKModule(L.LightningModule):
         self.step_stats: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self.step_metrics: dict[str, dict[str, Tensor]] = {}
         self.skipped_steps = 0
+        self._consecutive_skips = 0
+        self._micro = 0  # micro-batch index within the current gradient-accumulation step
+        self._finite = True  # every micro-batch loss of the current step was finite
         if self.router_cfg.loss == "smk" and not self.stats_cfg.enabled:
             raise ValueError("router.loss=smk needs stats.enabled=true; enable stats or use router.loss=switch")
 
@@ -81,18 +89,26 @@ class SMKModule(L.LightningModule):
         return F.cross_entropy(logits, targets_BT.flatten(), ignore_index=-1)
 
     def router_aux_losses(self) -> tuple[Tensor, Tensor]:
-        """(Switch aux loss, z-loss), averaged over MoE layers, from the current forward."""
+        """(Switch aux loss, z-loss), averaged over MoE layers, from the current forward.
+
+        The aux loss is on for ``loss=switch`` and, as a balancing term, for ``loss=smk``
+        with ``balance_weight > 0``; ``aux_weight`` gives its weight in the total."""
         zero = torch.zeros((), device=self.device)
         aux, z = zero, zero
         if not self.moe_layers:
             return aux, z
         for layer in self.moe_layers.values():
-            if self.router_cfg.loss == "switch" and self.router_cfg.weight > 0:
+            if self.aux_weight > 0:
                 aux = aux + switch_aux_loss(layer.last_probs_NE, layer.last_topi_NK)
             if self.router_cfg.z_loss_weight > 0:
                 z = z + router_z_loss(layer.last_logits_NE)
         n = len(self.moe_layers)
         return aux / n, z / n
+
+    @property
+    def aux_weight(self) -> float:
+        rcfg = self.router_cfg
+        return {"switch": rcfg.weight, "smk": rcfg.balance_weight}.get(rcfg.loss, 0.0)
 
     def _set_capture(self, on: bool) -> None:
         for layer in self.moe_layers.values():
@@ -100,7 +116,7 @@ class SMKModule(L.LightningModule):
             if not on:
                 layer.clear_capture()
 
-    def _stats_and_smk(self, n_tokens: int) -> Tensor | None:
+    def _stats_and_smk(self) -> Tensor | None:
         """After the main backward: statistics, ΔSC targets and the summed smk_loss."""
         cfg, rcfg = self.stats_cfg, self.router_cfg
         losses, self.step_stats, self.step_metrics = [], {}, {}
@@ -130,7 +146,8 @@ class SMKModule(L.LightningModule):
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
-        sched = self.lr_schedulers()
+        accum = self.optim_cfg.accumulate_grad_batches
+        first, last = self._micro == 0, self._micro == accum - 1
         stats_now = (self.stats_cfg.enabled and bool(self.moe_layers)
                      and self.global_step % self.stats_cfg.every_n_steps == 0)
         self._warn_if_trivial()
@@ -139,29 +156,26 @@ class SMKModule(L.LightningModule):
             logits = self.model(batch["input_ids"])
             loss = self.lm_loss(logits, batch["targets"])
             aux, z = self.router_aux_losses()
-            total = loss + self.router_cfg.weight * aux + self.router_cfg.z_loss_weight * z
+            total = loss + self.aux_weight * aux + self.router_cfg.z_loss_weight * z
             n_tokens = int((batch["targets"] != -1).sum())
             for layer in self.moe_layers.values():
                 if layer.capture is not None:
-                    layer.capture.grad_scale = float(n_tokens)  # mean loss → sum loss (DESIGN §2)
-            opt.zero_grad(set_to_none=True)
-            self.manual_backward(total)
-            smk = self._stats_and_smk(n_tokens) if stats_now else None
+                    # the hook sees ∂(total/accum)/∂o = ḡ_mean/accum; DESIGN §2 wants the sum loss
+                    layer.capture.grad_scale = float(n_tokens * accum)
+            if first:
+                opt.zero_grad(set_to_none=True)
+            self.manual_backward(total / accum)
+            smk = self._stats_and_smk() if stats_now else None
             if smk is not None:
-                self.manual_backward(self.router_cfg.weight * smk)
+                self.manual_backward(self.router_cfg.weight * smk / accum)
         finally:
             self._set_capture(False)
             for layer in self.moe_layers.values():
                 layer.release_graph()
-
-        if self.optim_cfg.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
-        if self._grads_finite() and torch.isfinite(total):
-            opt.step()
-        else:
-            self.skipped_steps += 1
-            opt.zero_grad(set_to_none=True)
-        sched.step()
+        self._finite = self._finite and bool(torch.isfinite(total))
+        self._micro = 0 if last else self._micro + 1
+        if last:
+            self._optimizer_step(opt)
 
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/aux_loss", aux)
@@ -169,14 +183,59 @@ class SMKModule(L.LightningModule):
         if smk is not None:
             self.log("train/smk_loss", smk, prog_bar=True)
         self.log("train/skipped_steps", float(self.skipped_steps))
-        self.log("train/lr", sched.get_last_lr()[0])
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
+
+    def _optimizer_step(self, opt) -> None:
+        """Clip and step — unless the loss or a gradient is non-finite: then the weights stay
+        as they are, the step is counted in ``train/skipped_steps``, and after
+        ``optim.max_skipped_steps`` in a row the run stops with a checkpoint of this state."""
+        finite, self._finite = self._finite and self._grads_finite(), True
+        if not finite:
+            opt.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self._consecutive_skips += 1
+            limit = self.optim_cfg.max_skipped_steps
+            if limit and self._consecutive_skips >= limit:
+                self._halt_nonfinite()
+            return
+        self._consecutive_skips = 0
+        if self.optim_cfg.grad_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        self.lr_schedulers().step()
+
+    def _halt_nonfinite(self) -> None:
+        trainer = self.trainer
+        ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback and \
+            trainer.checkpoint_callback.dirpath else Path(trainer.default_root_dir)
+        path = ckpt_dir / "last-good.ckpt"
+        trainer.save_checkpoint(path)  # weights and optimizer untouched by the skipped steps
+        raise NonFiniteTrainingError(
+            f"{self._consecutive_skips} training steps in a row had a non-finite loss or gradient "
+            f"(optim.max_skipped_steps={self.optim_cfg.max_skipped_steps}); the last good state is in {path}: "
+            "lower optim.lr or check the data, then resume with --ckpt_path"
+        )
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.stack([g.float().norm() for g in grads]).isfinite().all())
+        return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["smk_state"] = {
+            "probe_generator": self._probe_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self._consecutive_skips,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("smk_state")
+        if state:
+            self._probe_gen.set_state(state["probe_generator"])
+            torch.set_rng_state(state["torch_rng"])
+            self.skipped_steps = state["skipped_steps"]
+            self._consecutive_skips = state["consecutive_skips"]
 
     # -- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -205,7 +264,7 @@ class SMKModule(L.LightningModule):
                     layer.capture.grad_scale = float(n_tokens)
                 lowest = next(iter(self.moe_layers.values()))
                 torch.autograd.grad(loss, [lowest.w2], allow_unused=True)
-                self._stats_and_smk(n_tokens)
+                self._stats_and_smk()
         finally:
             self._set_capture(False)
         for name, metrics in self.step_metrics.items():

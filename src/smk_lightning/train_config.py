@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from smk_lightning.errors import ConfigError
 from smk_lightning.stats.scopes import check_scope
 
 
@@ -29,10 +30,14 @@ class OptimConfig:
     """Cosine decays to this fraction of the peak learning rate at trainer.max_steps."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches whose gradients are summed (mean) into one optimizer step."""
+    max_skipped_steps: int = 10
+    """Stop (with a checkpoint of the last good state) after this many consecutive steps with a non-finite loss or gradient; 0 never stops."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.router_lr < 0:
-            raise ValueError(f"optim.lr={self.lr} / optim.router_lr={self.router_lr} must be positive")
+            raise ConfigError(f"optim.lr={self.lr} / optim.router_lr={self.router_lr} must be positive")
 
 
 @dataclass
@@ -61,10 +66,20 @@ class StatsConfig:
     def __post_init__(self) -> None:
         from smk_lightning.stats import get_engine
 
-        get_engine(self.engine)
-        check_scope(self.scope, self.probe_fraction)
+        try:
+            get_engine(self.engine)
+            check_scope(self.scope, self.probe_fraction)
+        except ConfigError:
+            raise
+        except ValueError as e:  # the stats package raises plain ValueError for programmatic use
+            raise ConfigError(str(e)) from None
+        if not 0 < self.probe_fraction <= 1:  # a bad share is bad whatever the scope
+            raise ConfigError(
+                f"stats.probe_fraction={self.probe_fraction} must be in (0, 1]; use e.g. 0.25 "
+                "(scope 'dense' evaluates every token on every expert)"
+            )
         if self.every_n_steps < 1:
-            raise ValueError(f"stats.every_n_steps={self.every_n_steps} must be >= 1")
+            raise ConfigError(f"stats.every_n_steps={self.every_n_steps} must be >= 1")
 
 
 @dataclass
@@ -75,6 +90,8 @@ class RouterConfig:
     """smk: smk_loss on ΔSC targets; switch: Switch load-balancing loss; none: main loss only."""
     weight: float = 0.01
     """Weight of the router loss chosen in `loss` (smk_loss or the Switch aux loss)."""
+    balance_weight: float = 0.0
+    """Weight of a Switch load-balancing loss added to smk_loss (loss=smk only; 0 disables)."""
     z_loss_weight: float = 0.0
     """Weight of the router z-loss (combinable with any `loss`; 0 disables)."""
     delta_sc: Literal["zscore", "sigmoid", "surprise"] = "zscore"
@@ -88,6 +105,7 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
-            raise ValueError(f"router.tau={self.tau} must be > 0")
-        if self.weight < 0 or self.z_loss_weight < 0:
-            raise ValueError(f"router.weight={self.weight} / router.z_loss_weight={self.z_loss_weight} must be >= 0")
+            raise ConfigError(f"router.tau={self.tau} must be > 0")
+        for name in ("weight", "balance_weight", "z_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"router.{name}={getattr(self, name)} must be >= 0")

@@ -11,6 +11,8 @@ from typing import Literal
 
 import lightning as L
 
+from smk_lightning.errors import ConfigError, one_line
+
 from .corpus import DOMAINS, corpus_dir, write_corpus
 from .loader import EpochStatefulDataLoader
 from .metrics import unigram_entropy
@@ -24,8 +26,8 @@ CHARS_PER_TOKEN = 4.0
 TOKENIZER_TRAIN_CHARS = 2_000_000
 
 
-def _one_line(msg: str) -> ValueError:
-    return ValueError(" ".join(msg.split()))
+def _one_line(msg: str) -> ConfigError:
+    return ConfigError(one_line(msg))
 
 
 class SMKDataModule(L.LightningDataModule):
@@ -103,6 +105,11 @@ class SMKDataModule(L.LightningDataModule):
         if val_fraction_docs < 2:
             raise _one_line(
                 f"val_fraction_docs={val_fraction_docs} must be >= 2 (one doc in n goes to validation)."
+            )
+        if tokenizer_path and not os.path.isfile(os.path.expanduser(tokenizer_path)):
+            raise _one_line(
+                f"tokenizer_path {tokenizer_path!r} does not exist; pass an existing tokenizer.json "
+                "or leave it unset to train one."
             )
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -212,30 +219,43 @@ class SMKDataModule(L.LightningDataModule):
         bad = good = 0
         for f in self.data_files:
             with open(f, "rb") as fh:
+                if b"\0" in fh.read(8192):  # git's heuristic: NUL bytes near the start mean binary
+                    raise _one_line(
+                        f"data_files: {f!r} looks like a binary file (it contains NUL bytes), not text; "
+                        "pass UTF-8 text files, or set data_format to json/parquet for such files."
+                    )
+                fh.seek(0)
                 for raw in fh:
                     try:
                         line = raw.decode("utf-8")
                     except UnicodeDecodeError:
                         bad += 1
                         continue
-                    if line.strip():
+                    if "\0" in line:  # skipped by the stream, like undecodable lines
+                        bad += 1
+                    elif line.strip():
                         good += 1
         self.bad_lines = bad
         if good == 0:
             raise _one_line(
                 f"data_files {self.hparams.data_files!r} contain no usable text lines "
-                f"({bad} invalid UTF-8 lines); pass UTF-8 text files with content."
+                f"({bad} lines that are not valid UTF-8 text); pass UTF-8 text files with content."
             )
         if bad:
             warnings.warn(
-                f"data_files: skipping {bad} line(s) that are not valid UTF-8 ({good} usable lines).",
+                f"data_files: skipping {bad} line(s) that are not valid UTF-8 text ({good} usable lines).",
                 stacklevel=2,
             )
 
     def _prepare(self) -> None:
-        """Write the corpus and train/load the tokenizer (idempotent, cached on disk)."""
+        """Write the corpus, train/load the tokenizer (idempotent, cached on disk) and check
+        that each split fills at least one block (before any run directory is written)."""
         if self._tokenizer is not None:
             return
+        self._load_tokenizer()
+        self._check_blocks()
+
+    def _load_tokenizer(self) -> None:
         if self.data_files is not None and self.data_format == "text" and not self.hub_dataset:
             self._scan_text_files()
         train_src, _ = self._sources()
@@ -291,11 +311,7 @@ class SMKDataModule(L.LightningDataModule):
             token_cap=self.val_tokens if self.embedded else None,
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        self._prepare()
-        if self._train_ds is not None:
-            return
-        rank, world = self._rank_world()
+    def _check_blocks(self) -> None:
         for split in ("train", "val"):
             probe = next(iter(self._make_stream(split)), None)
             if probe is None:
@@ -307,6 +323,12 @@ class SMKDataModule(L.LightningDataModule):
                 raise _one_line(
                     f"the {split} split has fewer than seq_len+1={self.seq_len + 1} tokens; {hint}."
                 )
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepare()
+        if self._train_ds is not None:
+            return
+        rank, world = self._rank_world()
         self._train_ds = self._make_stream("train", rank, world)
         self._val_ds = self._make_stream("val", rank, world)
 

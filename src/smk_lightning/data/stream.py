@@ -59,7 +59,7 @@ class Source:
         text = ex.get(self.text_field)
         if not isinstance(text, str) or not text.strip():
             return None
-        if self.format == "text" and "\ufffd" in text:
+        if self.format == "text" and ("\ufffd" in text or "\0" in text):
             return None
         if self.split is not None:
             is_val = zlib.crc32(text.encode("utf-8", "replace")) % self.val_every == 0

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from smk_lightning.errors import ConfigError
+
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 0
 
@@ -43,18 +45,24 @@ def load_tokenizer(path: str | os.PathLike, vocab_size: int) -> Tokenizer:
     """Load a tokenizer.json and check it fits the configured vocabulary."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer_path {str(path)!r} does not exist; pass an existing tokenizer.json or leave it unset to train one."
         )
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+        raise ConfigError(
+            f"tokenizer_path {str(path)!r} is not a valid tokenizer.json ({str(e)[:120]}); "
+            "pass a file saved by tokenizers' Tokenizer.save, or leave it unset to train one."
+        ) from None
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {str(path)!r} has {n} tokens but vocab_size is {vocab_size}; "
             f"set --data.vocab_size to at least {n} (or use a smaller tokenizer)."
         )
     if tok.token_to_id(EOT_TOKEN) is None:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {str(path)!r} has no {EOT_TOKEN} token; add it as a special token."
         )
     return tok

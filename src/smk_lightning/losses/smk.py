@@ -71,15 +71,21 @@ def kl_q_p(q_ME: Tensor, logits_ME: Tensor) -> Tensor:
 
 @torch.no_grad()
 def smk_metrics(logits_NE: Tensor, t: SMKTargets, top_k: int) -> dict[str, Tensor]:
-    """g_acc, kl_div (with the configured τ) and topk_overlap over valid rows (NaN if none)."""
+    """g_acc and kl_div (with the configured τ) over rows with ≥ 2 defined experts;
+    topk_overlap over rows with more than top_k defined experts (on the others it is 1 by
+    construction). NaN where no row qualifies."""
+    nan = logits_NE.new_tensor(float("nan"), dtype=torch.float32)
     rows = t.rows_N
     if not rows.any():
-        nan = logits_NE.new_tensor(float("nan"))
         return {"g_acc": nan, "kl_div": nan, "topk_overlap": nan}
     z_ME = logits_NE[rows].float()
     g_acc = (z_ME.argmax(1) == t.hard_N[rows]).float().mean()
     kl = kl_q_p(t.soft_NE[rows], z_ME).mean()
-    sel_ME = torch.zeros_like(z_ME, dtype=torch.bool).scatter_(1, z_ME.topk(top_k, 1).indices, True)
-    best_ME = torch.zeros_like(sel_ME).scatter_(1, t.dsc_NE[rows].topk(top_k, 1).indices, True)
-    overlap = (sel_ME & best_ME).sum(1).float().div(top_k).mean()
+    wide = torch.isfinite(t.dsc_NE).sum(1) > top_k
+    overlap = nan
+    if wide.any():
+        z_WE, dsc_WE = logits_NE[wide].float(), t.dsc_NE[wide]
+        sel = torch.zeros_like(z_WE, dtype=torch.bool).scatter_(1, z_WE.topk(top_k, 1).indices, True)
+        best = torch.zeros_like(sel).scatter_(1, dsc_WE.topk(top_k, 1).indices, True)
+        overlap = (sel & best).sum(1).float().div(top_k).mean()
     return {"g_acc": g_acc, "kl_div": kl, "topk_overlap": overlap}

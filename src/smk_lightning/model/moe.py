@@ -118,8 +118,9 @@ class MoELayer(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
-        # When set, the main loss reaches the router only through smk_loss (decoupled routing):
-        # the combine weights use a detached router weight, gradients still reach x.
+        # Decoupled routing: the combine weights use a detached router weight (the main loss
+        # still reaches x through them, never the router), and the router losses see logits
+        # recomputed from the detached input, so they train the router and nothing else.
         self.detach_router = False
         # Statistics capture for the current step (see module docstring).
         self.capture_stats = False
@@ -143,6 +144,7 @@ class MoELayer(nn.Module):
         return self.w1[e], self.w2[e], None if self.w3 is None else self.w3[e]
 
     def router_logits(self, x_ND: Tensor) -> Tensor:
+        """Logits that route the tokens (and carry the main loss's gradient, if any)."""
         weight = self.router.weight.detach() if self.detach_router else self.router.weight
         return F.linear(x_ND, weight)
 
@@ -152,6 +154,9 @@ class MoELayer(nn.Module):
         logits_NE = self.router_logits(x_ND)
         probs_NE, weights_NK, topi_NK = route(logits_NE, self.top_k, self.renormalize)
         routing = sort_pairs(topi_NK.detach(), self.num_experts)
+        if self.detach_router and torch.is_grad_enabled():
+            logits_NE = self.router(x_ND.detach())  # the router losses' view (see __init__)
+            probs_NE = logits_NE.to(probs_NE.dtype).softmax(dim=-1)
         self.last_logits_NE, self.last_probs_NE, self.last_topi_NK = logits_NE, probs_NE, routing.topi_NK
 
         tok_P = routing.order_P // self.top_k

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from smk_lightning.errors import ConfigError
 from smk_lightning.model.moe import MoELayer
 
 
@@ -53,21 +54,21 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "choose n_heads that divides d_model"
             )
         if (self.d_model // self.n_heads) % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for rotary positions"
             )
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
+            raise ConfigError(
                 f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}; "
                 "lower top_k or add experts"
             )
         if self.moe_every < 1:
-            raise ValueError(f"model.moe_every={self.moe_every} must be >= 1")
+            raise ConfigError(f"model.moe_every={self.moe_every} must be >= 1")
 
 
 class RMSNorm(nn.Module):
