@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--precision", default=None, help="override the config's trainer.precision")
+    ap.add_argument("--batch-size", type=int, default=None, help="override the config's data.batch_size")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
     if not args.config.is_file():
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     model_cfg, optim, seq_len, batch_size, precision, vmap_chunk = load_shape(args.config)
     if args.precision:
         precision = args.precision
+    if args.batch_size:
+        batch_size = args.batch_size
     if device.type == "cpu" and "bf16" in precision:
         precision = "32-true"
     if "plain" not in args.variants:

@@ -24,9 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from smk_lightning.callbacks import RouterMonitor, SystemMonitor, TextSampler
 from smk_lightning.data import SMKDataModule
 from smk_lightning.errors import ConfigError, one_line
-from smk_lightning.module import SMKModule
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
+from smk_lightning.module import NonFiniteTrainingError, SMKModule
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -34,9 +32,10 @@ TRAINER_DEFAULTS = {
         "init_args": {"save_dir": "lightning_logs", "name": "smk"},
     },
     "inference_mode": False,  # validation statistics need a backward pass
-    "max_steps": 1000,
+    "max_steps": 1200,
     "val_check_interval": 200,
-    "check_val_every_n_epoch": None,
+    "limit_val_batches": 8,
+    "check_val_every_n_epoch": None,  # validate every val_check_interval steps, across epochs
     "log_every_n_steps": 10,
 }
 
@@ -45,7 +44,8 @@ class SMKCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.model.vocab_size")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.save_on_exception": True})
         parser.add_lightning_class_args(RouterMonitor, "router_monitor")
         parser.add_lightning_class_args(SystemMonitor, "system_monitor")
         parser.add_lightning_class_args(TextSampler, "samples")
@@ -206,6 +206,10 @@ def _error_exit(message: str) -> None:
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> SMKCLI:
     """Build (and with ``run``, execute) the CLI; ``run=False`` parses and instantiates only."""
+    argv = sys.argv[1:] if args is None else args
+    # Field docstrings become --help text, but reading them costs seconds of start-up:
+    # only pay for it when help is asked for.
+    set_parsing_settings(docstring_parse_attribute_docstrings=bool({"-h", "--help"} & set(argv)))
     return SMKCLI(
         SMKModule,
         SMKDataModule,
@@ -221,7 +225,7 @@ def main(args: list[str] | None = None) -> None:
     """``smk``: bad settings and inputs end with one line on stderr and exit status 2."""
     try:
         make_cli(args)
-    except ConfigError as e:
+    except (ConfigError, NonFiniteTrainingError) as e:
         _error_exit(str(e))
     except ArgumentError as e:  # jsonargparse: unknown key, wrong type, bad choice, unreadable config
         _error_exit(_parse_error_message(e, sys.argv[1:] if args is None else args))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import Perplexity
 
+from smk_lightning.errors import ConfigError
 from smk_lightning.losses import router_z_loss, smk_loss, smk_metrics, smk_targets, switch_aux_loss
 from smk_lightning.model import ModelConfig, MoETransformer
 from smk_lightning.stats import ENGINES, step_stats
@@ -72,7 +73,7 @@ class SMKModule(L.LightningModule):
         self._micro = 0  # micro-batch index within the current gradient-accumulation step
         self._finite = True  # every micro-batch loss of the current step was finite
         if self.router_cfg.loss == "smk" and not self.stats_cfg.enabled:
-            raise ValueError("router.loss=smk needs stats.enabled=true; enable stats or use router.loss=switch")
+            raise ConfigError("router.loss=smk needs stats.enabled=true; enable stats or use router.loss=switch")
 
     # -- helpers -------------------------------------------------------------------------------
     @property

@@ -38,6 +38,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.router_lr < 0:
             raise ConfigError(f"optim.lr={self.lr} / optim.router_lr={self.router_lr} must be positive")
+        if self.accumulate_grad_batches < 1:
+            raise ConfigError(f"optim.accumulate_grad_batches={self.accumulate_grad_batches} must be >= 1")
 
 
 @dataclass
@@ -88,10 +90,10 @@ class RouterConfig:
 
     loss: Literal["smk", "switch", "none"] = "smk"
     """smk: smk_loss on ΔSC targets; switch: Switch load-balancing loss; none: main loss only."""
-    weight: float = 0.01
-    """Weight of the router loss chosen in `loss` (smk_loss or the Switch aux loss)."""
-    balance_weight: float = 0.0
-    """Weight of a Switch load-balancing loss added to smk_loss (loss=smk only; 0 disables)."""
+    weight: float = 1.0
+    """Weight of the router loss chosen in `loss` (smk_loss or the Switch aux loss; Switch usually 0.01)."""
+    balance_weight: float = 1.0
+    """Weight of a Switch load-balancing loss added to smk_loss (loss=smk only; 0 disables). Without it smk routing collapses onto one expert per layer (see README results)."""
     z_loss_weight: float = 0.0
     """Weight of the router z-loss (combinable with any `loss`; 0 disables)."""
     delta_sc: Literal["zscore", "sigmoid", "surprise"] = "zscore"

@@ -1,0 +1,253 @@
+"""Bad input through ``smk`` (``cli.main``): one ``smk: error: ...`` line on stderr naming the
+bad value, exit status 2, no traceback, and no run directory or checkpoint written."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from smk_lightning.cli import _load_state_dict_message, main
+from smk_lightning.errors import ConfigError
+
+SMOKE = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
+SHORT = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--samples.every_n_steps", "0"]
+
+
+def fails(tmp_path: Path, capsys, *args: str, subcommand: str = "fit") -> str:
+    """Run ``smk <subcommand> --config smoke.yaml <args>``; return the error line after the checks."""
+    argv = [subcommand, "--config", SMOKE, "--data.cache_dir", str(tmp_path / "cache"), *args]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("smk: error: ")]
+    assert len(lines) == 1, err
+    assert not list(tmp_path.glob("lightning_logs/**/*.ckpt"))
+    assert not (tmp_path / "lightning_logs").exists(), "a run directory was written"
+    return lines[0]
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# -- 1. config keys and types -----------------------------------------------------------------
+def test_unknown_key_on_command_line(here, capsys):
+    msg = fails(here, capsys, "--model.model.bogus", "3")
+    assert "--model.model.bogus" in msg and "smk fit --help" in msg
+
+
+def test_unknown_key_in_yaml(here, capsys):
+    (here / "bad.yaml").write_text("model:\n  model:\n    bogus: 3\n")
+    msg = fails(here, capsys, "--config", str(here / "bad.yaml"))
+    assert "model.model.bogus" in msg
+
+
+def test_wrong_type(here, capsys):
+    msg = fails(here, capsys, "--model.model.d_model", "abc")
+    assert "model.model.d_model" in msg and "abc" in msg and "int" in msg
+
+
+def test_missing_config_file(here, capsys):
+    msg = fails(here, capsys, "--config", str(here / "nothere.yaml"))
+    assert "nothere.yaml" in msg and "does not exist" in msg
+
+
+# -- 2./3. model shape ------------------------------------------------------------------------
+def test_top_k_above_num_experts(here, capsys):
+    msg = fails(here, capsys, "--model.model.top_k", "9", "--model.model.num_experts", "8")
+    assert "top_k=9" in msg and "num_experts=8" in msg
+
+
+def test_d_model_not_divisible_by_heads(here, capsys):
+    msg = fails(here, capsys, "--model.model.d_model", "30", "--model.model.n_heads", "4")
+    assert "d_model=30" in msg and "n_heads=4" in msg and "divid" in msg
+
+
+# -- 4. sequence length -----------------------------------------------------------------------
+def test_seq_len_above_max_seq_len(here, capsys):
+    msg = fails(here, capsys, "--data.seq_len", "128")
+    assert "seq_len=128" in msg and "max_seq_len=64" in msg
+
+
+# -- 5./6. statistics options -----------------------------------------------------------------
+@pytest.mark.parametrize("key", ["engine", "scope"])
+def test_unknown_stats_engine_or_scope(here, capsys, key):
+    msg = fails(here, capsys, f"--model.stats.{key}", "bogus")
+    assert f"model.stats.{key}" in msg and "bogus" in msg
+
+
+@pytest.mark.parametrize(("fraction", "scope"), [("0", "probe"), ("1.5", "dense"), ("-0.1", "routed")])
+def test_probe_fraction_out_of_range(here, capsys, scope, fraction):
+    msg = fails(here, capsys, "--model.stats.scope", scope, "--model.stats.probe_fraction", fraction)
+    assert f"probe_fraction={float(fraction)}" in msg and "(0, 1]" in msg
+
+
+@pytest.mark.parametrize("scope", ["probe", "dense", "routed"])
+@pytest.mark.parametrize("fraction", [0.0, 1.5, -0.1, float("nan")])
+def test_probe_fraction_rejected_for_every_scope(scope, fraction):
+    from smk_lightning.train_config import StatsConfig
+
+    with pytest.raises(ConfigError, match="probe_fraction"):
+        StatsConfig(scope=scope, probe_fraction=fraction)
+
+
+def test_unknown_engine_programmatic_is_value_error():
+    from smk_lightning.model.moe import MoELayer
+    from smk_lightning.stats import expert_token_stats
+
+    layer = MoELayer(8, 16, 4, 2, "swiglu", True)
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="bogus"):
+        expert_token_stats(layer, x, x, engine="bogus")
+    with pytest.raises(ConfigError, match="bogus"):
+        from smk_lightning.train_config import StatsConfig
+
+        StatsConfig(engine="bogus")
+
+
+# -- 7. data files ----------------------------------------------------------------------------
+def test_data_file_missing(here, capsys):
+    msg = fails(here, capsys, "--data.data_files", str(here / "nothere.txt"))
+    assert "nothere.txt" in msg and "matches no file" in msg
+
+
+def test_data_glob_matches_nothing(here, capsys):
+    msg = fails(here, capsys, "--data.data_files", str(here / "*.nomatch"))
+    assert "*.nomatch" in msg and "matches no file" in msg
+
+
+def test_data_file_empty(here, capsys):
+    (here / "empty.txt").write_bytes(b"")
+    msg = fails(here, capsys, "--data.data_files", str(here / "empty.txt"))
+    assert "empty.txt" in msg and "empty" in msg
+
+
+def test_data_file_binary(here, capsys):
+    rng = random.Random(0)
+    (here / "blob.txt").write_bytes(bytes(rng.randrange(256) for _ in range(4096)) + b"\0")
+    msg = fails(here, capsys, "--data.data_files", str(here / "blob.txt"))
+    assert "blob.txt" in msg and "binary" in msg
+
+
+def test_data_file_only_invalid_utf8(here, capsys):
+    (here / "bad.txt").write_bytes(b"\xff\xfe bad\n" * 20)
+    msg = fails(here, capsys, "--data.data_files", str(here / "bad.txt"))
+    assert "no usable text" in msg
+
+
+def test_data_corpus_shorter_than_one_block(here, capsys):
+    (here / "tiny.txt").write_text("hello world\n" * 3)
+    msg = fails(here, capsys, "--data.data_files", str(here / "tiny.txt"))
+    assert "fewer than seq_len+1=65 tokens" in msg and "seq_len" in msg
+
+
+def test_invalid_utf8_lines_are_skipped_and_counted(here, capsys):
+    rng = random.Random(0)
+    with open(here / "mixed.txt", "wb") as fh:
+        for i in range(1500):
+            fh.write(f"the {rng.choice(['cat', 'dog', 'owl'])} sat on mat {i} and looked around.\n".encode())
+        for _ in range(7):
+            fh.write(b"bad \xff\xfe bytes\n")
+    with pytest.warns(UserWarning, match="skipping 7 line"):
+        main(["fit", "--config", SMOKE, "--data.data_files", str(here / "mixed.txt"),
+              "--data.cache_dir", str(here / "cache"), *SHORT])
+    assert (here / "lightning_logs" / "smk" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# -- 8. tokenizer -----------------------------------------------------------------------------
+def test_tokenizer_larger_than_vocab(here, capsys):
+    from smk_lightning.data import generate_documents
+    from smk_lightning.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer((d["text"] for d in generate_documents(0, 150_000)), vocab_size=800)
+    n = tok.get_vocab_size()
+    assert n > 512  # the smoke config's data.vocab_size
+    tok.save(str(here / "big.json"))
+    msg = fails(here, capsys, "--data.tokenizer_path", str(here / "big.json"))
+    assert f"has {n} tokens but vocab_size is 512" in msg and "--data.vocab_size" in msg
+
+
+def test_tokenizer_path_missing(here, capsys):
+    msg = fails(here, capsys, "--data.tokenizer_path", str(here / "nothere.json"))
+    assert "nothere.json" in msg and "does not exist" in msg
+
+
+def test_tokenizer_file_invalid(here, capsys):
+    (here / "tok.json").write_text('{"x": 1}')
+    msg = fails(here, capsys, "--data.tokenizer_path", str(here / "tok.json"))
+    assert "tok.json" in msg and "not a valid tokenizer.json" in msg
+
+
+# -- 9./10. checkpoints -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """2 steps of the smoke config: (root, last.ckpt, the same without its hyper-parameters)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        main(["fit", "--config", SMOKE, "--data.cache_dir", str(root / "cache"), *SHORT])
+    finally:
+        os.chdir(cwd)
+    run_dir = root / "lightning_logs" / "smk" / "version_0"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    bare = run_dir / "checkpoints" / "no_hparams.ckpt"  # like a checkpoint saved by other code
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state.pop("hyper_parameters")
+    torch.save(state, bare)
+    return root, ckpt, bare
+
+
+def test_checkpoint_of_other_shape(trained, here, capsys):
+    root, _, bare = trained
+    msg = fails(here, capsys, "--model.model.d_model", "64", "--ckpt_path", str(bare),
+                subcommand="validate")
+    for part in ("does not match the model config", "model.embed.weight", "(512, 32)", "(512, 64)",
+                 "config.yaml"):
+        assert part in msg
+    assert str(bare.parents[1] / "config.yaml") in msg
+
+
+def test_checkpoint_of_other_depth(trained, here, capsys):
+    _, _, bare = trained
+    msg = fails(here, capsys, "--model.model.n_layers", "3", "--ckpt_path", str(bare), subcommand="validate")
+    assert "lacks" in msg and "model.blocks.2" in msg and "config.yaml" in msg
+
+
+def test_checkpoint_hparams_override_is_reported(trained, here, capsys):
+    """Lightning takes the model settings from a checkpoint's hyper-parameters: validate runs on
+    the checkpoint's shape, and the overridden command-line value is named in a warning."""
+    root, ckpt, _ = trained
+    with pytest.warns(UserWarning, match=r"model\.model\.d_model=32 \(config: 64\)"):
+        main(["validate", "--config", SMOKE, "--data.cache_dir", str(root / "cache"),
+              "--model.model.d_model", "64", "--ckpt_path", str(ckpt), "--trainer.limit_val_batches", "1"])
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_load_state_dict_error_is_reformatted():
+    small, big = torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)
+    with pytest.raises(RuntimeError) as e:
+        big.load_state_dict(small.state_dict())
+    msg = _load_state_dict_message(e.value)
+    assert msg and "weight has shape (3, 4) in the checkpoint but (5, 4) in the config" in msg
+    assert "1 more parameters differ" in msg and "\n" not in msg
+    with pytest.raises(RuntimeError) as e:
+        torch.nn.Sequential(small, small).load_state_dict(torch.nn.Sequential(small).state_dict())
+    assert "missing parameter 1.weight" in _load_state_dict_message(e.value)
+    assert _load_state_dict_message(RuntimeError("CUDA out of memory")) is None
+
+
+def test_missing_checkpoint(here, capsys):
+    msg = fails(here, capsys, "--ckpt_path", str(here / "nope.ckpt"), subcommand="validate")
+    assert "nope.ckpt" in msg and "does not exist" in msg
+    msg = fails(here, capsys, "--ckpt_path", str(here / "nope.ckpt"))
+    assert "nope.ckpt" in msg
