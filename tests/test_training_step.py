@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smk_lightning.losses import smk_loss, smk_targets
+from smk_lightning.losses import smk_loss, smk_targets, switch_aux_loss
 from smk_lightning.module import SMKModule
 from smk_lightning.stats import expert_token_stats
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
@@ -35,6 +35,7 @@ class Recorder(L.Callback):
 
 
 def run_one_step(router: RouterConfig, stats: StatsConfig) -> tuple[SMKModule, Recorder]:
+    """One real training step (float64) on random tokens, recorded by ``Recorder``."""
     torch.manual_seed(0)
     module = SMKModule(model=tiny_model(), optim=OptimConfig(grad_clip=0.0, warmup_steps=1), stats=stats,
                        router=router).double()
@@ -66,7 +67,8 @@ def layer_inputs_and_grads(model, batch):
 
 @pytest.mark.parametrize("scope", ["routed", "dense"])
 def test_step_stats_equal_independent_computation(scope):
-    _, rec = run_one_step(RouterConfig(loss="smk"), StatsConfig(scope=scope, engine="ghost", val_batches=0))
+    _, rec = run_one_step(RouterConfig(loss="smk", balance_weight=0.0),
+                          StatsConfig(scope=scope, engine="ghost", val_batches=0))
     model = rec.model_before
     xs, gs, _ = layer_inputs_and_grads(model, rec.batch)
     for name, layer in model.moe_layers().items():
@@ -77,9 +79,11 @@ def test_step_stats_equal_independent_computation(scope):
         torch.testing.assert_close(sG[mask], M_G[mask], rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("decoupled", [True, False])
-def test_router_and_expert_gradients_come_from_the_right_losses(decoupled):
-    rcfg = RouterConfig(loss="smk", weight=0.5, decoupled=decoupled, target="soft")
+@pytest.mark.parametrize("decoupled,balance", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_router_and_expert_gradients_come_from_the_right_losses(decoupled, balance):
+    """Experts get the main loss only; the router gets smk_loss (+ the balance term, from
+    logits of the detached input) and, unless decoupled, the main loss."""
+    rcfg = RouterConfig(loss="smk", weight=0.5, decoupled=decoupled, target="soft", balance_weight=balance)
     module, rec = run_one_step(rcfg, StatsConfig(scope="dense", engine="ghost", val_batches=0))
     model = rec.model_before
     xs, gs, loss_mean = layer_inputs_and_grads(model, rec.batch)
@@ -89,12 +93,14 @@ def test_router_and_expert_gradients_come_from_the_right_losses(decoupled):
     main_grads = torch.autograd.grad(loss_mean, [named[n] for n in named], allow_unused=True)
     main = dict(zip(named, main_grads))
     # smk_loss from independently computed statistics, on logits from the detached input.
-    smk_terms = []
+    smk_terms, aux_terms = [], []
     for name, layer in model.moe_layers().items():
         M_A, M_G = expert_token_stats(layer, xs[name], gs[name], engine="loop", scope="dense")
         t = smk_targets(M_A, M_G, ~M_A.isnan(), rcfg.delta_sc, rcfg.tau)
-        smk_terms.append(smk_loss(layer.router(xs[name]), t, rcfg.target))
-    smk_total = rcfg.weight * torch.stack(smk_terms).mean()
+        logits = layer.router(xs[name])
+        smk_terms.append(smk_loss(logits, t, rcfg.target))
+        aux_terms.append(switch_aux_loss(logits.softmax(-1), logits.topk(layer.top_k, -1).indices))
+    smk_total = rcfg.weight * torch.stack(smk_terms).mean() + balance * torch.stack(aux_terms).mean()
     smk_grads = dict(zip(routers, torch.autograd.grad(smk_total, [named[n] for n in routers])))
     for n in others:
         torch.testing.assert_close(rec.grads[n], main[n], rtol=1e-9, atol=1e-12)

@@ -105,8 +105,9 @@ def build_module(name: str, model_cfg: ModelConfig, optim: OptimConfig, vmap_chu
     engine, scope, rho, dense_only = VARIANTS[name]
     stats = StatsConfig(enabled=engine is not None, engine=engine or "ghost", scope=scope or "routed",
                         probe_fraction=rho or 0.25, val_batches=0, vmap_chunk_size=vmap_chunk)
-    # smk_loss is on whenever statistics are: the variant times the full smk step.
-    router = RouterConfig(loss="smk" if engine else "none")
+    # smk_loss is on whenever statistics are, without the balance term (which needs no
+    # statistics): the ratio to plain is the cost of the statistics and smk_loss alone.
+    router = RouterConfig(loss="smk", balance_weight=0.0) if engine else RouterConfig(loss="none")
     torch.manual_seed(0)
     return SMKModule(model=model_cfg, optim=replace(optim, warmup_steps=1), stats=stats, router=router,
                      dense_only=dense_only)
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             ts, peak = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
             times[name] += ts
-            peaks[name] = max(peaks[name], peak)
+            # CUDA: the peak over all rounds. CPU: the last round's RSS growth (the first
+            # round's includes allocating the optimizer state).
+            peaks[name] = max(peaks[name], peak) if device.type == "cuda" else peak
             print(f"  round {r + 1}/{args.rounds} {name:14s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)
     results = {name: {"step_s": statistics.median(times[name]), "peak_mb": peaks[name]} for name in args.variants}
     base = results["plain"]["step_s"]

@@ -20,6 +20,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smk_lightning.callbacks import RouterMonitor, SystemMonitor, TextSampler
 from smk_lightning.data import SMKDataModule
@@ -225,6 +226,11 @@ def main(args: list[str] | None = None) -> None:
     """``smk``: bad settings and inputs end with one line on stderr and exit status 2."""
     try:
         make_cli(args)
+    except SIGTERMException:
+        # Lightning saved a checkpoint (save_on_exception) and exits with status 0; a job
+        # scheduler must still see that the run did not finish.
+        sys.stderr.write("smk: stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path last\n")
+        sys.exit(143)
     except (ConfigError, NonFiniteTrainingError) as e:
         _error_exit(str(e))
     except ArgumentError as e:  # jsonargparse: unknown key, wrong type, bad choice, unreadable config
@@ -237,4 +243,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

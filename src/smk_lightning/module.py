@@ -211,9 +211,10 @@ class SMKModule(L.LightningModule):
         ckpt_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback and \
             trainer.checkpoint_callback.dirpath else Path(trainer.default_root_dir)
         path = ckpt_dir / "last-good.ckpt"
+        count, self._consecutive_skips = self._consecutive_skips, 0  # a resumed run starts afresh
         trainer.save_checkpoint(path)  # weights and optimizer untouched by the skipped steps
         raise NonFiniteTrainingError(
-            f"{self._consecutive_skips} training steps in a row had a non-finite loss or gradient "
+            f"{count} training steps in a row had a non-finite loss or gradient "
             f"(optim.max_skipped_steps={self.optim_cfg.max_skipped_steps}); the last good state is in {path}: "
             "lower optim.lr or check the data, then resume with --ckpt_path"
         )

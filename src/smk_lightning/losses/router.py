@@ -20,4 +20,5 @@ def switch_aux_loss(probs_NE: Tensor, topi_NK: Tensor) -> Tensor:
 
 def router_z_loss(logits_NE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean squared log-partition of the router logits."""
-    return torch.logsumexp(logits_NE.float(), dim=-1).square().mean()
+    logits_NE = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32))
+    return torch.logsumexp(logits_NE, dim=-1).square().mean()

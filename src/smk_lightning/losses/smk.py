@@ -45,8 +45,14 @@ class SMKTargets:
     dsc_NE: Tensor
 
 
+def _acc(t: Tensor) -> Tensor:
+    """float32 at least (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def smk_targets(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str, tau: float) -> SMKTargets:
-    dsc_NE = delta_sc(M_A.float(), M_G.float(), mask_NE, kind)
+    """Targets from the statistics; detached, so they never carry gradient."""
+    dsc_NE = delta_sc(_acc(M_A.detach()), _acc(M_G.detach()), mask_NE, kind)
     rows_N = mask_NE.sum(1) >= 2
     safe_NE = torch.where(rows_N.unsqueeze(1), dsc_NE, torch.zeros_like(dsc_NE))
     return SMKTargets(rows_N, safe_NE.argmax(1), (safe_NE / tau).softmax(1), dsc_NE)
@@ -56,7 +62,7 @@ def smk_loss(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft"]) 
     """CE to the argmax target (hard) or KL(Q ‖ p) (soft), averaged over valid rows."""
     if not t.rows_N.any():
         return logits_NE.sum() * 0.0
-    z_ME = logits_NE[t.rows_N].float()
+    z_ME = _acc(logits_NE[t.rows_N])
     if target == "hard":
         return F.cross_entropy(z_ME, t.hard_N[t.rows_N])
     if target == "soft":
@@ -74,17 +80,17 @@ def smk_metrics(logits_NE: Tensor, t: SMKTargets, top_k: int) -> dict[str, Tenso
     """g_acc and kl_div (with the configured τ) over rows with ≥ 2 defined experts;
     topk_overlap over rows with more than top_k defined experts (on the others it is 1 by
     construction). NaN where no row qualifies."""
-    nan = logits_NE.new_tensor(float("nan"), dtype=torch.float32)
+    nan = _acc(logits_NE.new_tensor(float("nan")))
     rows = t.rows_N
     if not rows.any():
         return {"g_acc": nan, "kl_div": nan, "topk_overlap": nan}
-    z_ME = logits_NE[rows].float()
+    z_ME = _acc(logits_NE[rows])
     g_acc = (z_ME.argmax(1) == t.hard_N[rows]).float().mean()
     kl = kl_q_p(t.soft_NE[rows], z_ME).mean()
     wide = torch.isfinite(t.dsc_NE).sum(1) > top_k
     overlap = nan
     if wide.any():
-        z_WE, dsc_WE = logits_NE[wide].float(), t.dsc_NE[wide]
+        z_WE, dsc_WE = _acc(logits_NE[wide]), t.dsc_NE[wide]
         sel = torch.zeros_like(z_WE, dtype=torch.bool).scatter_(1, z_WE.topk(top_k, 1).indices, True)
         best = torch.zeros_like(sel).scatter_(1, dsc_WE.topk(top_k, 1).indices, True)
         overlap = (sel & best).sum(1).float().div(top_k).mean()
