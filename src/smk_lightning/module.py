@@ -4,7 +4,8 @@ One training step (manual optimisation, so the statistics slot in between the ma
 backward and the optimizer step):
 
     forward (MoE layers capture what the ghost norms need)
-    → main loss (+ Switch aux / z-loss) → one backward; each MoE output hook catches ḡ
+    → main loss (+ Switch aux / z-loss) → one backward; tensor hooks keep ḡ and the norms
+      of the experts' own gradients
     → M_A, M_G per layer (``stats.step_stats``) → ΔSC targets (no gradient)
     → smk_loss on router logits recomputed from the detached layer input → its backward
     → clip → skip if non-finite → optimizer step → schedule step.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -54,7 +56,13 @@ class SMKModule(L.LightningModule):
             dense_only: Replace every MoE layer by a dense FFN of equal active FLOPs (baseline).
         """
         super().__init__()
-        self.save_hyperparameters()
+        model, optim, stats, router = (
+            c if isinstance(c, cls) else cls(**c)  # dicts come back from a checkpoint's hparams
+            for c, cls in ((model, ModelConfig), (optim, OptimConfig), (stats, StatsConfig), (router, RouterConfig))
+        )
+        # Plain dicts in the checkpoint, so it loads with torch.load(weights_only=True).
+        self.save_hyperparameters({"model": asdict(model), "optim": asdict(optim), "stats": asdict(stats),
+                                   "router": asdict(router), "dense_only": dense_only})
         self.model_cfg, self.optim_cfg, self.stats_cfg, self.router_cfg = model, optim, stats, router
         self.automatic_optimization = False
         self.model = MoETransformer(self.model_cfg, dense_only=dense_only)
@@ -118,7 +126,8 @@ class SMKModule(L.LightningModule):
                 layer.clear_capture()
 
     def _stats_and_smk(self) -> Tensor | None:
-        """After the main backward: statistics, ΔSC targets and the summed smk_loss."""
+        """After the main backward: statistics, ΔSC targets, metrics, and smk_loss averaged
+        over the MoE layers (None unless ``router.loss=smk``)."""
         cfg, rcfg = self.stats_cfg, self.router_cfg
         losses, self.step_stats, self.step_metrics = [], {}, {}
         for name, layer in self.moe_layers.items():
