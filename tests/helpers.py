@@ -1,12 +1,28 @@
-"""Small shared fixtures: a tiny model config and a random-token datamodule."""
+"""Small shared fixtures: random MoE layers, a tiny model config and a random-token datamodule."""
 
 from __future__ import annotations
+
+import math
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from smk_lightning.model import ModelConfig
+from smk_lightning.model import ModelConfig, MoELayer
+
+
+def make_layer(d, ff, E, k, act, seed, dtype=torch.float64, **kw):
+    """Build the project's layer, then overwrite its weights with seeded random values
+    (independent of the project's init) so logits are well spread."""
+    torch.manual_seed(seed)
+    layer = MoELayer(d_model=d, d_ff=ff, num_experts=E, top_k=k, activation=act, **kw)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.randn(E, d) * (2.0 / math.sqrt(d)))
+        layer.w1.copy_(torch.randn(E, d, ff) / math.sqrt(d))
+        layer.w2.copy_(torch.randn(E, ff, d) / math.sqrt(ff))
+        if act == "swiglu":
+            layer.w3.copy_(torch.randn(E, d, ff) / math.sqrt(d))
+    return layer.to(dtype)
 
 
 def tiny_model(**kw) -> ModelConfig:

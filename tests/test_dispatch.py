@@ -5,34 +5,17 @@ Reference: ``tests/oracles.py::naive_moe_forward`` (DESIGN.md §2 definitions)."
 
 from __future__ import annotations
 
-import math
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import oracles  # noqa: E402
-
-from smk_lightning.model import MoELayer  # noqa: E402
+from tests import oracles
+from tests.helpers import make_layer
 
 ACTS = ("swiglu", "gelu")
 KS = ("1", "2", "E")
 TOL = 1e-10
-
-
-def make_layer(d, ff, E, k, act, seed, dtype=torch.float64, **kw):
-    torch.manual_seed(seed)
-    layer = MoELayer(d_model=d, d_ff=ff, num_experts=E, top_k=k, activation=act, **kw)
-    with torch.no_grad():
-        layer.router.weight.copy_(torch.randn(E, d) * (2.0 / math.sqrt(d)))
-        layer.w1.copy_(torch.randn(E, d, ff) / math.sqrt(d))
-        layer.w2.copy_(torch.randn(E, ff, d) / math.sqrt(ff))
-        if act == "swiglu":
-            layer.w3.copy_(torch.randn(E, d, ff) / math.sqrt(d))
-    return layer.to(dtype)
 
 
 def _close(got, ref, what):

@@ -7,19 +7,14 @@ Tolerances are the contract of DESIGN §3: float64 relative error <= 1e-9, float
 
 from __future__ import annotations
 
-import math
-import os
 import random
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import oracles  # noqa: E402
-
-from smk_lightning.model import MoELayer  # noqa: E402
 from smk_lightning.stats import expert_token_stats  # noqa: E402
+from tests import oracles
+from tests.helpers import make_layer
 
 ENGINES = ("ghost", "vmap", "loop")
 ACTS = ("swiglu", "gelu")
@@ -33,20 +28,6 @@ RTOL32 = 1e-4
 # --------------------------------------------------------------------------- helpers
 def _k_value(k_label: str, E: int) -> int:
     return E if k_label == "E" else int(k_label)
-
-
-def make_layer(d, ff, E, k, act, seed, dtype=torch.float64, **kw):
-    """Build the project's layer, then overwrite its weights with seeded random values
-    (independent of the project's init) so logits are well spread."""
-    torch.manual_seed(seed)
-    layer = MoELayer(d_model=d, d_ff=ff, num_experts=E, top_k=k, activation=act, **kw)
-    with torch.no_grad():
-        layer.router.weight.copy_(torch.randn(E, d) * (2.0 / math.sqrt(d)))
-        layer.w1.copy_(torch.randn(E, d, ff) / math.sqrt(d))
-        layer.w2.copy_(torch.randn(E, ff, d) / math.sqrt(ff))
-        if act == "swiglu":
-            layer.w3.copy_(torch.randn(E, d, ff) / math.sqrt(d))
-    return layer.to(dtype)
 
 
 def random_case(seed, act, k_label, dtype=torch.float64, min_margin=None):
