@@ -65,16 +65,23 @@ def layer_inputs_and_grads(model, batch):
     return xs, {n: g.reshape(-1, g.shape[-1]) for n, g in zip(names, grads)}, loss_sum / batch["targets"].numel()
 
 
-@pytest.mark.parametrize("scope", ["routed", "dense"])
+@pytest.mark.parametrize("scope", ["routed", "dense", "probe"])
 def test_step_stats_equal_independent_computation(scope):
+    rho = 0.25
     _, rec = run_one_step(RouterConfig(loss="smk", balance_weight=0.0),
-                          StatsConfig(scope=scope, engine="ghost", val_batches=0))
+                          StatsConfig(scope=scope, engine="ghost", val_batches=0, probe_fraction=rho))
     model = rec.model_before
     xs, gs, _ = layer_inputs_and_grads(model, rec.batch)
     for name, layer in model.moe_layers().items():
-        M_A, M_G = expert_token_stats(layer, xs[name], gs[name], engine="loop", scope=scope)
         sA, sG, mask = rec.step_stats[name]
-        assert torch.equal(mask, ~M_A.isnan())
+        routed = ~expert_token_stats(layer, xs[name], gs[name], engine="loop", scope="routed")[0].isnan()
+        M_A, M_G = expert_token_stats(layer, xs[name], gs[name], engine="loop", scope="dense")
+        if scope == "probe":  # routed everywhere, plus round(ρN) rows dense
+            assert (mask & routed).equal(routed)
+            assert int(mask.all(1).sum()) == round(rho * len(mask))
+            assert (mask.all(1) | (mask == routed).all(1)).all()
+        else:
+            assert torch.equal(mask, routed if scope == "routed" else torch.ones_like(mask))
         torch.testing.assert_close(sA[mask], M_A[mask], rtol=1e-9, atol=0)
         torch.testing.assert_close(sG[mask], M_G[mask], rtol=1e-9, atol=0)
 
