@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from smk_lightning.callbacks import RouterMonitor, SystemMonitor, TextSampler
+from smk_lightning.callbacks import GracefulInterrupt, RouterMonitor, SystemMonitor, TextSampler
 from smk_lightning.data import SMKDataModule
 from smk_lightning.errors import ConfigError, one_line
 from smk_lightning.module import NonFiniteTrainingError, SMKModule
@@ -50,6 +50,7 @@ class SMKCLI(LightningCLI):
         parser.add_lightning_class_args(RouterMonitor, "router_monitor")
         parser.add_lightning_class_args(SystemMonitor, "system_monitor")
         parser.add_lightning_class_args(TextSampler, "samples")
+        parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
 
     # -- bad input fails before anything runs (main prints ConfigError / ArgumentError as one line)
     def init_parser(self, **kwargs):
@@ -225,7 +226,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> SMKCLI:
 def main(args: list[str] | None = None) -> None:
     """``smk``: bad settings and inputs end with one line on stderr and exit status 2."""
     try:
-        make_cli(args)
+        cli = make_cli(args)
     except SIGTERMException:
         # Lightning saved a checkpoint (save_on_exception) and exits with status 0; a job
         # scheduler must still see that the run did not finish.
@@ -240,6 +241,10 @@ def main(args: list[str] | None = None) -> None:
         if msg is None:
             raise
         _error_exit(msg)
+    interrupt = next((c for c in cli.trainer.callbacks if isinstance(c, GracefulInterrupt)), None)
+    if interrupt is not None and interrupt.requested:
+        sys.stderr.write("smk: interrupted by Ctrl-C after saving a checkpoint; resume with --ckpt_path last\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":
