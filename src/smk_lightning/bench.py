@@ -7,14 +7,15 @@ Each variant trains ``warmup + steps`` steps of the real ``SMKModule.training_st
 (Lightning manual optimisation) on random tokens of the config's shape; the median
 step time after warm-up is reported; variants are interleaved over ``--rounds`` so slow
 drifts of a shared machine hit all of them alike. Peak memory: CUDA peak allocated on
-GPU; on CPU the growth of the process RSS during the variant's steps, sampled every
-2 ms (the CPU allocator returns large blocks to the OS, so this is the step's working
-set: activations, gradients, statistics — and in the first round the optimizer state).
+GPU; on CPU the peak growth of the heap in use (glibc ``mallinfo2``) during the
+variant's steps in its last round, sampled every 2 ms: the step's working set
+(activations, gradients, statistics), without the weights and optimizer state.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import threading
@@ -61,16 +62,36 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t)
 
 
-class RSSPeak:
-    """Peak growth of this process's resident memory while active (sampling thread)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_reader():
+    """Bytes the C allocator has handed out and not taken back (glibc ``mallinfo2``), or,
+    where that is missing, the process RSS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        libc.mallinfo2()
+    except (OSError, AttributeError):
+        proc = psutil.Process()
+        return lambda: proc.memory_info().rss
+    return lambda: (lambda m: m.uordblks + m.hblkhd)(libc.mallinfo2())
+
+
+class HeapPeak:
+    """Peak growth of the CPU heap in use while active (sampling thread, every 2 ms): the
+    CPU counterpart of CUDA's peak allocated, counted from what was allocated before."""
 
     def __enter__(self):
-        self._stop, proc = False, psutil.Process()
-        self.start = self.peak = proc.memory_info().rss
+        self._stop, read = False, _heap_reader()
+        self.start = self.peak = read()
 
         def run():
             while not self._stop:
-                self.peak = max(self.peak, proc.memory_info().rss)
+                self.peak = max(self.peak, read())
                 time.sleep(0.002)
 
         self._thread = threading.Thread(target=run, daemon=True)
@@ -124,11 +145,11 @@ def time_steps(module: SMKModule, batches: list[dict], batch_size: int, precisio
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with RSSPeak() as rss:
+    with HeapPeak() as heap:
         trainer.fit(module, train_dataloaders=loader)
     if device.type == "cuda":
         return timer.times[warmup:], torch.cuda.max_memory_allocated(device) / 2**20
-    return timer.times[warmup:], (rss.peak - rss.start) / 2**20
+    return timer.times[warmup:], (heap.peak - heap.start) / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             ts, peak = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
             times[name] += ts
-            # CUDA: the peak over all rounds. CPU: the last round's RSS growth (the first
+            # CUDA: the peak over all rounds. CPU: the last round's heap growth (the first
             # round's includes allocating the optimizer state).
             peaks[name] = max(peaks[name], peak) if device.type == "cuda" else peak
             print(f"  round {r + 1}/{args.rounds} {name:14s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)

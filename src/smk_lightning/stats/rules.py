@@ -22,11 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def silu_grad(u: Tensor) -> Tensor:
-    sig = torch.sigmoid(u)
-    return sig * (1 + u * (1 - sig))
-
-
 def gelu_grad(u: Tensor) -> Tensor:
     """Derivative of the exact (erf) GELU."""
     return 0.5 * (1 + torch.erf(u / math.sqrt(2))) + u * torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
@@ -49,11 +44,11 @@ def ghost_mg(xsq_P: Tensor, gsq_P: Tensor, gh_PF: Tensor, u_PF: Tensor, v_PF: Te
              hsq_P: Tensor) -> Tensor:
     """M_G of rows from ‖x‖², ‖g‖², g_h = g W2ᵀ, the pre-activations and ‖h‖²."""
     if v_PF is None:
-        gusq_P = (gh_PF * gelu_grad(u_PF)).square().sum(-1)
-        inner_P = gusq_P
+        inner_P = (gh_PF * gelu_grad(u_PF)).square().sum(-1)
     else:
-        gv_PF = gh_PF * F.silu(u_PF)
-        gu_PF = gh_PF * v_PF * silu_grad(u_PF)
+        sig_PF = torch.sigmoid(u_PF)  # silu(u) = u·σ(u), silu'(u) = σ(u)(1 + u(1 − σ(u)))
+        gv_PF = gh_PF * (u_PF * sig_PF)
+        gu_PF = gh_PF * v_PF * (sig_PF * (1 + u_PF * (1 - sig_PF)))
         inner_P = gu_PF.square().sum(-1) + gv_PF.square().sum(-1)
     return (gsq_P * hsq_P + inner_P * xsq_P).sqrt()
 
@@ -61,8 +56,10 @@ def ghost_mg(xsq_P: Tensor, gsq_P: Tensor, gh_PF: Tensor, u_PF: Tensor, v_PF: Te
 def ghost_rows(x_PD: Tensor, g_PD: Tensor, w1_DF: Tensor, w2_FD: Tensor,
                w3_DF: Tensor | None) -> tuple[Tensor, Tensor]:
     """(M_A, M_G) of one expert on rows of x with upstream gradients g, from scratch."""
-    u_PF = x_PD @ w1_DF
-    v_PF = None if w3_DF is None else x_PD @ w3_DF
+    if w3_DF is None:
+        u_PF, v_PF = x_PD @ w1_DF, None
+    else:  # one matmul for both input projections
+        u_PF, v_PF = (x_PD @ torch.cat([w1_DF, w3_DF], dim=1)).chunk(2, dim=1)
     h_PF = hidden(u_PF, v_PF)
     ma_P = (h_PF @ w2_FD).norm(dim=-1)
     mg_P = ghost_mg(x_PD.square().sum(-1), g_PD.square().sum(-1), g_PD @ w2_FD.T, u_PF, v_PF,
