@@ -7,9 +7,10 @@ Each variant trains ``warmup + steps`` steps of the real ``SMKModule.training_st
 (Lightning manual optimisation) on random tokens of the config's shape; the median
 step time after warm-up is reported; variants are interleaved over ``--rounds`` so slow
 drifts of a shared machine hit all of them alike. Peak memory: CUDA peak allocated on
-GPU; on CPU the peak growth of the heap in use (glibc ``mallinfo2``) during the
-variant's steps in its last round, sampled every 2 ms: the step's working set
-(activations, gradients, statistics), without the weights and optimizer state.
+GPU; on CPU the peak growth of the heap in use (glibc ``mallinfo2``, sampled every 2 ms):
+the step's working set (activations, gradients, statistics), without the weights and
+optimizer state. Memory is measured on two extra steps after the timed rounds, so the
+sampler never runs beside a timed step.
 """
 
 from __future__ import annotations
@@ -134,22 +135,36 @@ def build_module(name: str, model_cfg: ModelConfig, optim: OptimConfig, vmap_chu
                      dense_only=dense_only)
 
 
-def time_steps(module: SMKModule, batches: list[dict], batch_size: int, precision: str, warmup: int,
-               device: torch.device) -> tuple[list[float], float]:
-    """Fit ``len(batches)`` steps; (step times after warm-up, peak MB)."""
-    timer = StepTimer(device)
-    loader = DataLoader(batches, batch_size=batch_size)
+def fit_steps(module: SMKModule, batches: list[dict], batch_size: int, precision: str, device: torch.device,
+              callbacks: list) -> None:
+    """Train ``module`` for ``len(batches) // batch_size`` steps with a fresh Trainer."""
     trainer = L.Trainer(max_steps=len(batches) // batch_size, accelerator=device.type, devices=1,
                         precision=precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+                        enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=batch_size))
+
+
+def time_steps(module: SMKModule, batches: list[dict], batch_size: int, precision: str, warmup: int,
+               device: torch.device) -> list[float]:
+    """Seconds per step after warm-up (nothing else runs beside the steps)."""
+    timer = StepTimer(device)
+    fit_steps(module, batches, batch_size, precision, device, [timer])
+    return timer.times[warmup:]
+
+
+def peak_memory_mb(module: SMKModule, batches: list[dict], batch_size: int, precision: str,
+                   device: torch.device) -> float:
+    """Peak memory of two more steps, measured apart from the timed ones (the CPU heap
+    sampler takes the allocator's lock, which would slow the steps it watches)."""
+    batches = batches[: 2 * batch_size]
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        fit_steps(module, batches, batch_size, precision, device, [])
+        return torch.cuda.max_memory_allocated(device) / 2**20
     with HeapPeak() as heap:
-        trainer.fit(module, train_dataloaders=loader)
-    if device.type == "cuda":
-        return timer.times[warmup:], torch.cuda.max_memory_allocated(device) / 2**20
-    return timer.times[warmup:], (heap.peak - heap.start) / 2**20
+        fit_steps(module, batches, batch_size, precision, device, [])
+    return (heap.peak - heap.start) / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,17 +201,16 @@ def main(argv: list[str] | None = None) -> None:
     batches = random_batches(args.warmup + args.steps, batch_size, seq_len, model_cfg.vocab_size)
     modules = {name: build_module(name, model_cfg, optim, vmap_chunk) for name in args.variants}
     times: dict[str, list[float]] = {name: [] for name in args.variants}
-    peaks: dict[str, float] = dict.fromkeys(args.variants, 0.0)
     for r in range(args.rounds):
         for name in args.variants:
             if name.startswith("vmap") and r > 0:
                 continue
-            ts, peak = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
+            ts = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
             times[name] += ts
-            # CUDA: the peak over all rounds. CPU: the last round's heap growth (the first
-            # round's includes allocating the optimizer state).
-            peaks[name] = max(peaks[name], peak) if device.type == "cuda" else peak
             print(f"  round {r + 1}/{args.rounds} {name:14s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)
+    # After the timed rounds: the optimizer state exists, so on CPU the heap growth is the
+    # step's working set (activations, gradients, statistics).
+    peaks = {name: peak_memory_mb(modules[name], batches, batch_size, precision, device) for name in args.variants}
     results = {name: {"step_s": statistics.median(times[name]), "peak_mb": peaks[name]} for name in args.variants}
     base = results["plain"]["step_s"]
     results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
