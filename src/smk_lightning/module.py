@@ -75,7 +75,7 @@ class SMKModule(L.LightningModule):
         self._warned_trivial = False
         # Per-step results read by the callbacks (detached; replaced every step).
         self.step_stats: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        self.step_metrics: dict[str, dict[str, Tensor]] = {}
+        self._step_targets: dict[str, tuple] = {}  # (router logits, targets, top_k) per layer
         self.skipped_steps = 0
         self._consecutive_skips = 0
         self._micro = 0  # micro-batch index within the current gradient-accumulation step
@@ -129,7 +129,7 @@ class SMKModule(L.LightningModule):
         """After the main backward: statistics, ΔSC targets, metrics, and smk_loss averaged
         over the MoE layers (None unless ``router.loss=smk``)."""
         cfg, rcfg = self.stats_cfg, self.router_cfg
-        losses, self.step_stats, self.step_metrics = [], {}, {}
+        losses, self.step_stats, self._step_targets = [], {}, {}
         for name, layer in self.moe_layers.items():
             M_A, M_G, mask = step_stats(layer, self.engine, cfg.scope, cfg.probe_fraction, self._probe_gen)
             targets = smk_targets(M_A, M_G, mask, rcfg.delta_sc, rcfg.tau)
@@ -139,8 +139,13 @@ class SMKModule(L.LightningModule):
             if rcfg.loss == "smk":
                 losses.append(smk_loss(logits_NE, targets, rcfg.target))
             self.step_stats[name] = (M_A, M_G, mask)
-            self.step_metrics[name] = smk_metrics(logits_NE.detach(), targets, layer.top_k)
+            self._step_targets[name] = (logits_NE.detach(), targets, layer.top_k)
         return torch.stack(losses).mean() if losses else None
+
+    def step_metrics(self) -> dict[str, dict[str, Tensor]]:
+        """g_acc, kl_div, topk_overlap per MoE layer for the last statistics step; computed
+        on demand (the callbacks log them every few steps, not every step)."""
+        return {name: smk_metrics(*args) for name, args in self._step_targets.items()}
 
     def _warn_if_trivial(self) -> None:
         first = next(iter(self.moe_layers.values()), None)
@@ -278,11 +283,12 @@ class SMKModule(L.LightningModule):
                 self._stats_and_smk()
         finally:
             self._set_capture(False)
-        for name, metrics in self.step_metrics.items():
+        metrics_by_layer = self.step_metrics()
+        for name, metrics in metrics_by_layer.items():
             for key in ("g_acc", "kl_div", "topk_overlap"):
                 self.log(f"val/{name}/{key}", metrics[key], sync_dist=True)
         for key in ("g_acc", "kl_div", "topk_overlap"):
-            self.log(f"val/{key}", torch.stack([m[key] for m in self.step_metrics.values()]).nanmean(),
+            self.log(f"val/{key}", torch.stack([m[key] for m in metrics_by_layer.values()]).nanmean(),
                      sync_dist=True)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

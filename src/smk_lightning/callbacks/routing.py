@@ -92,6 +92,7 @@ class RouterMonitor(L.Callback):
         loads, ents, dead = [], [], 0
         per_layer: dict[str, list] = {"g_acc": [], "kl_div": [], "topk_overlap": []}
         logs = {}
+        step_metrics = pl_module.step_metrics()
         for lname, layer in pl_module.moe_layers.items():
             if layer.last_topi_NK is None:
                 continue
@@ -102,7 +103,7 @@ class RouterMonitor(L.Callback):
             dead += int((load_E == 0).sum())
             p = layer.last_probs_NE.float()
             ents.append(-(torch.xlogy(p, p)).sum(-1).mean())
-            for key, val in pl_module.step_metrics.get(lname, {}).items():
+            for key, val in step_metrics.get(lname, {}).items():
                 logs[f"routing/{lname}/{key}"] = val
                 per_layer[key].append(val)
             if lname in pl_module.step_stats:

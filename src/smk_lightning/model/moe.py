@@ -40,27 +40,28 @@ class Routing:
 class Capture:
     """What one forward/backward pass leaves for the statistics of the same step.
 
-    Per expert ``e`` (lists of length E, rows in sorted-pair order) the forward stores
-    ‖y‖ and ‖h‖², and tensor hooks on y, u (and v) store the squared row norms of the
-    gradients the normal backward computes anyway: w·ḡ, w·g_u, w·g_v, with w the pair's
-    combine weight. No extra matmul, no per-token gradient.
+    Per routed pair (rows in sorted-pair order) the forward stores ‖y‖ and ‖h‖², and
+    tensor hooks on y, u (and v) store the squared row norms of the gradients the normal
+    backward computes anyway: w·ḡ, w·g_u, w·g_v, with w the pair's combine weight. No
+    extra matmul, no per-token gradient.
     """
 
     x_ND: Tensor  # layer input (detached)
     weights_NK: Tensor  # combine weights (detached)
     routing: Routing
-    ma: list[Tensor]  # ‖f_e(x_t)‖, float32+
-    hsq: list[Tensor]  # ‖h‖², float32+
-    gysq: list[Tensor]  # ‖∂L/∂y‖² = w²‖ḡ‖² (mean-loss gradient)
-    gusq: list[Tensor]  # ‖∂L/∂u‖² = w²‖g_u‖²
-    gvsq: list[Tensor]  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for GELU)
+    ma_P: Tensor  # ‖f_e(x_t)‖, float32+
+    hsq_P: Tensor  # ‖h‖², float32+
+    gysq_P: Tensor  # ‖∂L/∂y‖² = w²‖ḡ‖² (mean-loss gradient)
+    gusq_P: Tensor  # ‖∂L/∂u‖² = w²‖g_u‖²
+    gvsq_P: Tensor  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for GELU)
     grad_scale: float = 1.0  # multiplies the captured gradients (mean-loss → sum-loss)
     grad_ND: Tensor | None = None  # ∂L/∂o, caught by the output hook (unscaled)
 
 
-def _store_sq(slots: list[Tensor], e: int, grad: Tensor) -> None:
+def _store_sq(cap: Capture, attr: str, grad: Tensor) -> None:
     """Tensor hook: keep the squared row norms of a gradient, accumulated in float32+."""
-    slots[e] = torch.linalg.vector_norm(grad, dim=-1, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    setattr(cap, attr, torch.linalg.vector_norm(grad, dim=-1, dtype=acc).square())
 
 
 def _store(obj, attr: str, _unused, grad: Tensor) -> None:
@@ -161,18 +162,16 @@ class MoELayer(nn.Module):
 
         tok_P = routing.order_P // self.top_k
         xs_PD = x_ND[tok_P]
-        cap = self._new_capture(x_ND, weights_NK, routing) if self.capture_stats and torch.is_grad_enabled() else None
-        ys = []
-        for e, xs_nD in enumerate(xs_PD.split(routing.counts_E)):
-            w1, w2, w3 = self.expert_weights(e)
-            u = xs_nD @ w1
-            v = None if w3 is None else xs_nD @ w3
-            h = F.gelu(u) if v is None else F.silu(u) * v
-            y = h @ w2
-            if cap is not None:
-                self._capture_expert(cap, e, u, v, h, y)
-            ys.append(y)
-        ys_PD = torch.cat(ys)
+        counts = routing.counts_E
+        # One matmul per expert on its contiguous slice; the activation runs once over all pairs.
+        xs = xs_PD.split(counts)
+        u_PF = torch.cat([x @ self.w1[e] for e, x in enumerate(xs)])
+        v_PF = None if self.w3 is None else torch.cat([x @ self.w3[e] for e, x in enumerate(xs)])
+        h_PF = F.gelu(u_PF) if v_PF is None else F.silu(u_PF) * v_PF
+        ys_PD = torch.cat([h @ self.w2[e] for e, h in enumerate(h_PF.split(counts))])
+        cap = None
+        if self.capture_stats and torch.is_grad_enabled():
+            cap = self._capture(x_ND, weights_NK, routing, u_PF, v_PF, h_PF, ys_PD)
 
         # Unsort: pair p of the flattened (token, slot) order sits at position order_P^-1.
         y_PD = torch.empty_like(ys_PD).index_copy_(0, routing.order_P, ys_PD)
@@ -182,26 +181,23 @@ class MoELayer(nn.Module):
         return out_ND.view(shape)
 
     # -- statistics capture ---------------------------------------------------------------
-    def _new_capture(self, x_ND: Tensor, weights_NK: Tensor, routing: Routing) -> Capture | None:
+    def _capture(self, x_ND: Tensor, weights_NK: Tensor, routing: Routing, u_PF: Tensor, v_PF: Tensor | None,
+                 h_PF: Tensor, ys_PD: Tensor) -> Capture | None:
         if self.capture is not None:  # activation-checkpoint recompute: keep the first capture
             return None
-        dev, E = x_ND.device, self.num_experts
-        zeros = lambda: [torch.zeros(n, device=dev) for n in routing.counts_E]  # noqa: E731
-        self.capture = Capture(x_ND.detach(), weights_NK.detach(), routing, [None] * E, [None] * E,
-                               zeros(), zeros(), zeros())
-        return self.capture
-
-    @staticmethod
-    def _capture_expert(cap: Capture, e: int, u: Tensor, v: Tensor | None, h: Tensor, y: Tensor) -> None:
-        acc = torch.promote_types(y.dtype, torch.float32)
+        acc = torch.promote_types(ys_PD.dtype, torch.float32)
         with torch.no_grad():
-            cap.ma[e] = torch.linalg.vector_norm(y, dim=-1, dtype=acc)
-            cap.hsq[e] = torch.linalg.vector_norm(h, dim=-1, dtype=acc).square()
-        if y.requires_grad:
-            y.register_hook(partial(_store_sq, cap.gysq, e))
-            u.register_hook(partial(_store_sq, cap.gusq, e))
-            if v is not None:
-                v.register_hook(partial(_store_sq, cap.gvsq, e))
+            ma_P = torch.linalg.vector_norm(ys_PD, dim=-1, dtype=acc)
+            hsq_P = torch.linalg.vector_norm(h_PF, dim=-1, dtype=acc).square()
+        zeros_P = torch.zeros_like(ma_P)
+        cap = self.capture = Capture(x_ND.detach(), weights_NK.detach(), routing, ma_P, hsq_P,
+                                     zeros_P, zeros_P, zeros_P)
+        if ys_PD.requires_grad:
+            ys_PD.register_hook(partial(_store_sq, cap, "gysq_P"))
+            u_PF.register_hook(partial(_store_sq, cap, "gusq_P"))
+            if v_PF is not None:
+                v_PF.register_hook(partial(_store_sq, cap, "gvsq_P"))
+        return cap
 
     def release_graph(self) -> None:
         """Detach the kept router outputs so no autograd graph outlives the step."""

@@ -33,7 +33,7 @@ def step_stats(layer: MoELayer, engine: Callable, scope: str, probe_fraction: fl
         )
     routing, E = cap.routing, layer.num_experts
     mask_NE = scope_mask(routing.topi_NK, E, scope, probe_fraction, generator)
-    dt = torch.promote_types(cap.ma[0].dtype, cap.grad_ND.dtype)
+    dt = torch.promote_types(cap.ma_P.dtype, cap.grad_ND.dtype)
     M_A = torch.full(mask_NE.shape, float("nan"), dtype=dt, device=mask_NE.device)
     M_G = M_A.clone()
     g_ND = cap.grad_ND.to(dt) * cap.grad_scale  # ∂L_sum/∂o (DESIGN §2)
@@ -47,11 +47,10 @@ def step_stats(layer: MoELayer, engine: Callable, scope: str, probe_fraction: fl
     tok_P = routing.order_P // layer.top_k
     exp_P = routing.topi_NK.reshape(-1)[routing.order_P]
     w_P = cap.weights_NK.reshape(-1)[routing.order_P].to(dt)
-    cat = lambda xs: torch.cat(xs).to(dt)  # noqa: E731
     xsq_P = cap.x_ND.to(dt).square().sum(-1)[tok_P]
-    inner_P = cat(cap.gysq) * cat(cap.hsq) + (cat(cap.gusq) + cat(cap.gvsq)) * xsq_P
+    inner_P = cap.gysq_P.to(dt) * cap.hsq_P.to(dt) + (cap.gusq_P.to(dt) + cap.gvsq_P.to(dt)) * xsq_P
     mg_P = inner_P.sqrt() * (cap.grad_scale / w_P)
-    M_A[tok_P, exp_P] = cat(cap.ma)
+    M_A[tok_P, exp_P] = cap.ma_P.to(dt)
     M_G[tok_P, exp_P] = mg_P
     # A pair whose weight is (nearly) zero got (nearly) no gradient: recompute it exactly.
     lost_P = w_P < torch.finfo(dt).tiny ** 0.5
