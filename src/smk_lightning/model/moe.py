@@ -9,8 +9,9 @@ contiguous slice of its tokens: the Python loop is over experts, never over toke
 and no expert is evaluated on a token it was not routed to.
 
 For the statistics engines (``smk_lightning.stats``) the layer can keep, for the
-current step only, what the closed-form ("ghost") norms need: the routing, the
-expert pre-activations and the captured upstream gradient. Capture is off unless
+current step only, what the closed-form ("ghost") norms need: the routing, row norms
+of the experts' outputs and hidden activations and of their gradients in the normal
+backward, and the upstream gradient ḡ (see ``Capture``). Capture is off unless
 ``capture_stats`` is set, and ``clear_capture()`` drops every reference.
 """
 
