@@ -165,11 +165,16 @@ class MoELayer(nn.Module):
         xs_PD = x_ND[tok_P]
         counts = routing.counts_E
         # One matmul per expert on its contiguous slice; the activation runs once over all pairs.
+        # unbind, not w[e]: the backward then stacks E gradients once instead of adding E
+        # full-size [E, D, F] tensors that are zero but for one expert.
         xs = xs_PD.split(counts)
-        u_PF = torch.cat([x @ self.w1[e] for e, x in enumerate(xs)])
-        v_PF = None if self.w3 is None else torch.cat([x @ self.w3[e] for e, x in enumerate(xs)])
+        if self.w3 is None:
+            u_PF, v_PF = torch.cat([x @ w for x, w in zip(xs, self.w1.unbind(0))]), None
+        else:  # both input projections in one matmul per expert
+            w13 = torch.cat([self.w1, self.w3], dim=2).unbind(0)
+            u_PF, v_PF = torch.cat([x @ w for x, w in zip(xs, w13)]).chunk(2, dim=1)
         h_PF = F.gelu(u_PF) if v_PF is None else F.silu(u_PF) * v_PF
-        ys_PD = torch.cat([h @ self.w2[e] for e, h in enumerate(h_PF.split(counts))])
+        ys_PD = torch.cat([h @ w for h, w in zip(h_PF.split(counts), self.w2.unbind(0))])
         cap = None
         if self.capture_stats and torch.is_grad_enabled():
             cap = self._capture(x_ND, weights_NK, routing, u_PF, v_PF, h_PF, ys_PD)
