@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from smk_lightning.model import ModelConfig, MoELayer
+from tests import oracles
 
 
 def make_layer(d, ff, E, k, act, seed, dtype=torch.float64, **kw):
@@ -59,3 +60,23 @@ class RandomDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.ds, batch_size=self.batch_size)
+
+
+def starved_case(act, k, seed=7):
+    """Layer + inputs where expert `starved` can never be selected: every token has
+    x[0] >= 1 and the starved expert's router row is (-30, 0, ..., 0)."""
+    d, ff, E, N = 8, 12, 5, 24
+    layer = make_layer(d, ff, E, k, act, seed)
+    starved = 3
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, d, generator=gen, dtype=torch.float64)
+    x[:, 0] = 1.0 + torch.rand(N, generator=gen, dtype=torch.float64)
+    g = torch.randn(N, d, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        layer.router.weight[starved].zero_()
+        layer.router.weight[starved, 0] = -30.0
+    # really unselected (by the independent routing), and every other expert is fine
+    for t in range(N):
+        _, sel, _ = oracles.routing_ref(layer.router.weight.detach(), x[t], k)
+        assert starved not in sel
+    return layer, x, g, starved

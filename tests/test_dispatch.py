@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests import oracles
-from tests.helpers import make_layer
+from tests.helpers import make_layer, starved_case
 
 ACTS = ("swiglu", "gelu")
 KS = ("1", "2", "E")
@@ -85,18 +85,7 @@ def test_forward_and_grads_match_naive(seed, act, k_label):
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("act", ACTS)
 def test_expert_without_tokens(act, k):
-    d, ff, E, N, starved = 8, 12, 5, 24, 3
-    layer = make_layer(d, ff, E, k, act, seed=7)
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(N, d, generator=gen, dtype=torch.float64)
-    x[:, 0] = 1.0 + torch.rand(N, generator=gen, dtype=torch.float64)
-    G = torch.randn(N, d, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        layer.router.weight[starved].zero_()
-        layer.router.weight[starved, 0] = -30.0
-    for t in range(N):
-        _, sel, _ = oracles.routing_ref(layer.router.weight.detach(), x[t], k)
-        assert starved not in sel
+    layer, x, G, starved = starved_case(act, k)
     grads = compare_with_naive(layer, x, G, k, act)
     for n in oracles.expert_param_names(act):
         assert torch.equal(grads[n][starved], torch.zeros_like(grads[n][starved])), \

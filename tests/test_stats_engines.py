@@ -14,7 +14,7 @@ import torch
 
 from smk_lightning.stats import expert_token_stats  # noqa: E402
 from tests import oracles
-from tests.helpers import make_layer
+from tests.helpers import make_layer, starved_case
 
 ENGINES = ("ghost", "vmap", "loop")
 ACTS = ("swiglu", "gelu")
@@ -130,31 +130,11 @@ def test_engine_float32_vs_float64_oracle(engine, act, scope):
 
 
 # --------------------------------------------------------------------------- edge cases
-def _starved_case(act, k, seed=7):
-    """Layer + inputs where expert `starved` can never be selected: every token has
-    x[0] >= 1 and the starved expert's router row is (-30, 0, ..., 0)."""
-    d, ff, E, N = 8, 12, 5, 24
-    layer = make_layer(d, ff, E, k, act, seed)
-    starved = 3
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, d, generator=gen, dtype=torch.float64)
-    x[:, 0] = 1.0 + torch.rand(N, generator=gen, dtype=torch.float64)
-    g = torch.randn(N, d, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        layer.router.weight[starved].zero_()
-        layer.router.weight[starved, 0] = -30.0
-    # really unselected (by the independent routing), and every other expert is fine
-    for t in range(N):
-        _, sel, _ = oracles.routing_ref(layer.router.weight.detach(), x[t], k)
-        assert starved not in sel
-    return layer, x, g, starved
-
-
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_expert_without_tokens(engine, act):
     k = 2
-    layer, x, g, starved = _starved_case(act, k)
+    layer, x, g, starved = starved_case(act, k)
     # routed: the starved column is all NaN, the rest matches the oracle
     MA, MG = expert_token_stats(layer, x, g, engine=engine, scope="routed")
     assert torch.isnan(MA[:, starved]).all() and torch.isnan(MG[:, starved]).all()
