@@ -92,7 +92,6 @@ class _State:
     dom: list = field(default_factory=list)
     emitted: int = 0
     exhausted: bool = False
-    skipped: int = 0
 
 
 class PackedTokenStream(IterableDataset):
@@ -159,11 +158,6 @@ class PackedTokenStream(IterableDataset):
         if self.shuffle:
             self._epoch = int(epoch)
             self._pending = None
-
-    @property
-    def skipped_docs(self) -> int:
-        """Documents skipped so far in the current pass (empty, invalid UTF-8, other split)."""
-        return self._live[0].skipped if self._live else 0
 
     # ------------------------------------------------------------------ state
     def _fresh(self, epoch: int) -> _State:
@@ -242,9 +236,7 @@ class PackedTokenStream(IterableDataset):
                         st.exhausted = True
                         break
                     doc = self.source.parse(ex)
-                    if doc is None:
-                        st.skipped += 1
-                    else:
+                    if doc is not None:  # empty, undecodable or the other split's document
                         st.buf.append(list(doc))
                 if not st.buf:
                     break
