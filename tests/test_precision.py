@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from smk_lightning.model import ModelConfig, MoELayer, MoETransformer
-from smk_lightning.stats import ENGINES, step_stats
+from smk_lightning.stats import ENGINES, expert_token_stats, step_stats
 
 
 def captured_stats(layer: MoELayer, x: torch.Tensor, g: torch.Tensor, scope: str, autocast: bool):
@@ -63,3 +63,21 @@ def test_activation_checkpointing_gives_the_same_stats():
     for name in results[0]:
         for a, b in zip(results[0][name], results[1][name]):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=0, equal_nan=True)
+
+
+def test_pairs_with_vanishing_weight_are_recomputed_exactly():
+    """A routed pair whose combine weight underflows carries (almost) no gradient, so its
+    M_G cannot come from the backward: step_stats recomputes it from scratch."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 3, 3, renormalize=False)  # every expert selected, raw p as weights
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0] = -60.0  # p ≈ e^-60 for expert 2 on tokens with x[0] ≈ 1
+    x = torch.randn(16, 8)
+    x[:, 0] = 1.0
+    g = torch.randn(16, 8)
+    M_A, M_G, mask = captured_stats(layer, x, g, "routed", autocast=False)
+    assert float(torch.softmax(layer.router(x), -1)[:, 2].max()) < torch.finfo(torch.float32).tiny ** 0.5
+    ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="routed")
+    torch.testing.assert_close(M_A, ref_A, rtol=1e-4, atol=0)
+    torch.testing.assert_close(M_G, ref_G, rtol=1e-4, atol=0)
