@@ -3,18 +3,28 @@
 One training step (manual optimisation, so the statistics slot in between the main
 backward and the optimizer step):
 
-    forward (MoE layers capture what the ghost norms need)
-    → main loss (+ Switch aux / z-loss) → one backward; tensor hooks keep ḡ and the norms
-      of the experts' own gradients
-    → M_A, M_G per layer (``stats.step_stats``) → ΔSC targets (no gradient)
-    → smk_loss on router logits recomputed from the detached layer input → its backward
-    → clip → skip if non-finite → optimizer step → schedule step.
+    forward under ``StatsCapture`` (MoE layers keep what the ghost norms need)
+    → main loss (+ Switch aux / z-loss) → one ``manual_backward`` (DDP averages the
+      gradients of everything but the routers); tensor hooks keep ḡ and the norms of the
+      experts' own gradients
+    → M_A, M_G per layer → ΔSC targets (no gradient, autocast off, global moments)
+    → smk_loss on router logits recomputed from the detached layer input → its gradient by
+      ``torch.autograd.grad`` on the router-only graph, added to the routers' ``.grad``
+    → router gradients averaged over ranks by hand (the routers are kept out of DDP's
+      reducer: a second DDP backward, or ``find_unused_parameters``, is never needed)
+    → at the last micro-batch: one global finite check (skip if non-finite) → optimizer
+      step (clipping in ``on_before_optimizer_step``, after a GradScaler has unscaled)
+      → schedule step → aux-free bias update.
+
+Validation, sanity checks and sampling draw no random numbers that training uses: probe
+rows are a pure function of (stats.seed, stream, step, micro-batch, layer, rank).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -25,12 +35,29 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.text import Perplexity
 
+from smk_lightning.distributed import (
+    all_ranks_true,
+    all_reduce_sum,
+    average_grads,
+    broadcast_,
+    world_size,
+)
 from smk_lightning.errors import ConfigError
-from smk_lightning.losses import router_z_loss, smk_loss, smk_metrics, smk_targets, switch_aux_loss
+from smk_lightning.losses import (
+    auxfree_update_,
+    router_z_loss,
+    smk_loss,
+    smk_metrics,
+    smk_targets,
+    switch_aux_loss,
+)
 from smk_lightning.model import ModelConfig, MoETransformer
-from smk_lightning.stats import ENGINES, step_stats
+from smk_lightning.stats import ENGINES, StatsCapture, probe_generator
+from smk_lightning.stats.capture import TRAIN_STREAM, VAL_STREAM
 from smk_lightning.stats.vmap import vmap_stats
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+
+METRIC_KEYS = ("g_acc", "g_acc_dense", "kl_div", "topk_overlap")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -52,7 +79,7 @@ class SMKModule(L.LightningModule):
             model: Model shape.
             optim: Optimiser and schedule.
             stats: Per-token expert statistics M_A / M_G.
-            router: Router loss (smk, switch or none) and its options.
+            router: Router loss (smk, switch, auxfree or none) and its options.
             dense_only: Replace every MoE layer by a dense FFN of equal active FLOPs (baseline).
         """
         super().__init__()
@@ -70,16 +97,24 @@ class SMKModule(L.LightningModule):
         decoupled = self.router_cfg.loss == "smk" and self.router_cfg.decoupled
         for layer in self.moe_layers.values():
             layer.detach_router = decoupled
+            if self.auxfree:
+                layer.enable_score_bias()
+        # The routers' gradients are reduced by hand (see the module docstring): DDP must not
+        # own them, or the router-only smk gradient would need a second DDP backward.
+        self._router_names = [n for n, _ in self.named_parameters() if ".router." in n]
+        self._ddp_params_and_buffers_to_ignore = list(self._router_names)
         self.val_ppl = Perplexity()
-        self._probe_gen = torch.Generator().manual_seed(self.stats_cfg.seed)
         self._warned_trivial = False
-        # Per-step results read by the callbacks (detached; replaced every step).
+        # Per-step results read by the callbacks: filled only on a micro-batch that computed
+        # statistics (empty otherwise, never touched by validation).
         self.step_stats: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-        self._step_targets: dict[str, tuple] = {}  # (router logits, targets, top_k) per layer
+        self._step_targets: dict[str, tuple] = {}  # (router logits, targets, top_k, topi) per layer
+        self.step_boundary = True  # the last micro-batch ended an optimizer step (callbacks act then)
         self.skipped_steps = 0
         self._consecutive_skips = 0
         self._micro = 0  # micro-batch index within the current gradient-accumulation step
-        self._finite = True  # every micro-batch loss of the current step was finite
+        self._finite: Tensor | None = None  # every micro-batch loss of the current step was finite
+        self._load_LE: Tensor | None = None  # aux-free: expert loads of the current step, per layer
         if self.router_cfg.loss == "smk" and not self.stats_cfg.enabled:
             raise ConfigError("router.loss=smk needs stats.enabled=true; enable stats or use router.loss=switch")
 
@@ -88,6 +123,24 @@ class SMKModule(L.LightningModule):
     def engine(self):
         fn = ENGINES[self.stats_cfg.engine]
         return partial(vmap_stats, chunk_size=self.stats_cfg.vmap_chunk_size) if fn is vmap_stats else fn
+
+    @property
+    def auxfree(self) -> bool:
+        rcfg = self.router_cfg
+        return rcfg.loss == "auxfree" or (rcfg.loss == "smk" and rcfg.balance == "auxfree")
+
+    @property
+    def aux_weight(self) -> float:
+        """Weight of the Switch aux loss in the total: the router loss itself for loss=switch,
+        the balance term for loss=smk with balance=switch."""
+        rcfg = self.router_cfg
+        if rcfg.loss == "switch":
+            return rcfg.weight
+        return rcfg.balance_weight if rcfg.loss == "smk" and rcfg.balance == "switch" else 0.0
+
+    def router_params(self) -> list[Tensor]:
+        params = dict(self.named_parameters())
+        return [params[n] for n in self._router_names]
 
     def forward(self, idx_BT: Tensor) -> Tensor:
         return self.model(idx_BT)
@@ -100,52 +153,55 @@ class SMKModule(L.LightningModule):
     def router_aux_losses(self) -> tuple[Tensor, Tensor]:
         """(Switch aux loss, z-loss), averaged over MoE layers, from the current forward.
 
-        The aux loss is on for ``loss=switch`` and, as a balancing term, for ``loss=smk``
-        with ``balance_weight > 0``; ``aux_weight`` gives its weight in the total."""
+        The aux loss is over the global batch (see ``switch_aux_loss``); ``aux_weight`` gives
+        its weight in the total."""
         zero = torch.zeros((), device=self.device)
         aux, z = zero, zero
         if not self.moe_layers:
             return aux, z
         for layer in self.moe_layers.values():
             if self.aux_weight > 0:
-                aux = aux + switch_aux_loss(layer.last_probs_NE, layer.last_topi_NK)
+                aux = aux + switch_aux_loss(layer.last_probs_NE, layer.last_topi_NK, all_reduce_sum, world_size())
             if self.router_cfg.z_loss_weight > 0:
                 z = z + router_z_loss(layer.last_logits_NE)
         n = len(self.moe_layers)
         return aux / n, z / n
 
-    @property
-    def aux_weight(self) -> float:
-        rcfg = self.router_cfg
-        return {"switch": rcfg.weight, "smk": rcfg.balance_weight}.get(rcfg.loss, 0.0)
+    def _loss_scale(self) -> Tensor | float:
+        """The 16-mixed GradScaler's current scale (its tensor: no host sync), else 1."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer else None
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        scale = getattr(scaler, "_scale", None)
+        return scale if scale is not None else scaler.get_scale()
 
-    def _set_capture(self, on: bool) -> None:
-        for layer in self.moe_layers.values():
-            layer.capture_stats = on
-            if not on:
-                layer.clear_capture()
-
-    def _stats_and_smk(self) -> Tensor | None:
-        """After the main backward: statistics, ΔSC targets, metrics, and smk_loss averaged
-        over the MoE layers (None unless ``router.loss=smk``)."""
-        cfg, rcfg = self.stats_cfg, self.router_cfg
-        losses, self.step_stats, self._step_targets = [], {}, {}
-        for name, layer in self.moe_layers.items():
-            M_A, M_G, mask = step_stats(layer, self.engine, cfg.scope, cfg.probe_fraction, self._probe_gen)
-            targets = smk_targets(M_A, M_G, mask, rcfg.delta_sc, rcfg.tau)
-            # Router logits recomputed from the detached layer input: smk_loss reaches the
-            # router only, never the experts or the layers below.
-            logits_NE = layer.router(layer.capture.x_ND)
-            if rcfg.loss == "smk":
-                losses.append(smk_loss(logits_NE, targets, rcfg.target))
-            self.step_stats[name] = (M_A, M_G, mask)
-            self._step_targets[name] = (logits_NE.detach(), targets, layer.top_k)
-        return torch.stack(losses).mean() if losses else None
+    def _stats_and_targets(self, capture: StatsCapture, stream: int, step: int, micro: int
+                           ) -> tuple[dict, dict, Tensor | None]:
+        """After a backward: statistics, ΔSC targets, and smk_loss averaged over the MoE
+        layers (None unless ``router.loss=smk``), all with autocast off."""
+        cfg, rcfg, rank = self.stats_cfg, self.router_cfg, self.global_rank
+        stats = capture.stats(self.engine, cfg.scope, cfg.probe_fraction,
+                              lambda i: probe_generator(cfg.seed, stream, step, micro, i, rank))
+        losses, targets = [], {}
+        with torch.autocast(self.device.type, enabled=False):
+            for name, (M_A, M_G, mask) in stats.items():
+                layer = self.moe_layers[name]
+                t = smk_targets(M_A, M_G, mask, rcfg.delta_sc, rcfg.tau, rcfg.target, rcfg.sinkhorn_iters,
+                                all_reduce_sum)
+                # Router logits recomputed from the detached layer input: smk_loss reaches the
+                # router only, never the experts or the layers below.
+                x_ND = capture.layers[name].capture.x_ND
+                logits_NE = layer.router(x_ND.to(layer.router.weight.dtype))
+                if rcfg.loss == "smk":
+                    losses.append(smk_loss(logits_NE, t, rcfg.target, all_reduce_sum))
+                targets[name] = (logits_NE.detach(), t, layer.top_k, capture.layers[name].capture.routing.topi_NK)
+        return stats, targets, torch.stack(losses).mean() if losses else None
 
     def step_metrics(self) -> dict[str, dict[str, Tensor]]:
-        """g_acc, kl_div, topk_overlap per MoE layer for the last statistics step; computed
-        on demand (the callbacks log them every few steps, not every step)."""
-        return {name: smk_metrics(*args) for name, args in self._step_targets.items()}
+        """g_acc, g_acc_dense, kl_div, topk_overlap per MoE layer for this micro-batch's
+        statistics (empty when none were computed); computed on demand (the callbacks log
+        them every few steps, not every step)."""
+        return {name: smk_metrics(logits, t, k, topi) for name, (logits, t, k, topi) in self._step_targets.items()}
 
     def _warn_if_trivial(self) -> None:
         first = next(iter(self.moe_layers.values()), None)
@@ -153,12 +209,15 @@ class SMKModule(L.LightningModule):
                 and first.top_k == 1 and self.router_cfg.loss == "smk"):
             warnings.warn(
                 "stats.scope=routed with top_k=1: each token has one defined expert, so smk_loss has "
-                "no target to learn and g_acc ≡ 1 by construction; use scope 'probe' or 'dense'",
+                "no target to learn and g_acc is undefined; use scope 'probe' or 'dense'",
                 stacklevel=2,
             )
             self._warned_trivial = True
 
     # -- training ------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        broadcast_(self.router_params())  # DDP broadcasts the weights it owns; the routers are ours
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
         accum = self.optim_cfg.accumulate_grad_batches
@@ -166,28 +225,36 @@ class SMKModule(L.LightningModule):
         stats_now = (self.stats_cfg.enabled and bool(self.moe_layers)
                      and self.global_step % self.stats_cfg.every_n_steps == 0)
         self._warn_if_trivial()
-        self._set_capture(stats_now)
+        self.step_stats, self._step_targets = {}, {}
+        smk = None
+        capture = StatsCapture(self.moe_layers) if stats_now else nullcontext()
         try:
-            logits = self.model(batch["input_ids"])
-            loss = self.lm_loss(logits, batch["targets"])
-            aux, z = self.router_aux_losses()
-            total = loss + self.aux_weight * aux + self.router_cfg.z_loss_weight * z
-            n_tokens = int((batch["targets"] != -1).sum())
-            for layer in self.moe_layers.values():
-                if layer.capture is not None:
-                    # the hook sees ∂(total/accum)/∂o = ḡ_mean/accum; DESIGN §2 wants the sum loss
-                    layer.capture.grad_scale = float(n_tokens * accum)
-            if first:
-                opt.zero_grad(set_to_none=True)
-            self.manual_backward(total / accum)
-            smk = self._stats_and_smk() if stats_now else None
-            if smk is not None:
-                self.manual_backward(self.router_cfg.weight * smk / accum)
+            with capture:
+                logits = self.model(batch["input_ids"])
+                loss = self.lm_loss(logits, batch["targets"])
+                aux, z = self.router_aux_losses()
+                total = loss + self.aux_weight * aux + self.router_cfg.z_loss_weight * z
+                if first:
+                    opt.zero_grad(set_to_none=True)
+                self.manual_backward(total / accum)
+                if stats_now:
+                    loss_scale = self._loss_scale()
+                    capture.set_grad_scale((batch["targets"] != -1).sum(), accum, loss_scale)
+                    self.step_stats, self._step_targets, smk = self._stats_and_targets(
+                        capture, TRAIN_STREAM, self.global_step, self._micro)
+                    if smk is not None:
+                        # × world size: the routers' gradients are averaged over ranks below, and
+                        # smk is this rank's share of the global mean; × loss_scale: the same
+                        # units as the main backward's (scaled) gradients.
+                        self._router_backward(self.router_cfg.weight * smk * (world_size() * loss_scale / accum))
         finally:
-            self._set_capture(False)
             for layer in self.moe_layers.values():
                 layer.release_graph()
-        self._finite = self._finite and bool(torch.isfinite(total))
+        average_grads(self.router_params())
+        finite = torch.isfinite(total.detach())
+        self._finite = finite if self._finite is None else self._finite & finite
+        self._count_load()
+        self.step_boundary = last
         self._micro = 0 if last else self._micro + 1
         if last:
             self._optimizer_step(opt)
@@ -196,18 +263,49 @@ class SMKModule(L.LightningModule):
         self.log("train/aux_loss", aux)
         self.log("train/z_loss", z)
         if smk is not None:
-            self.log("train/smk_loss", smk, prog_bar=True)
+            self.log("train/smk_loss", smk * world_size(), prog_bar=True)
         self.log("train/skipped_steps", float(self.skipped_steps))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
+    def _router_backward(self, loss: Tensor) -> None:
+        """Add ∂loss/∂router to the routers' ``.grad`` without a DDP backward."""
+        params = self.router_params()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+
+    def _count_load(self) -> None:
+        """Aux-free balancing: add this micro-batch's expert loads (all MoE layers)."""
+        if not self.auxfree:
+            return
+        load_LE = torch.stack([torch.bincount(layer.last_topi_NK.reshape(-1), minlength=layer.num_experts)
+                               for layer in self.moe_layers.values()])
+        self._load_LE = load_LE if self._load_LE is None else self._load_LE + load_LE
+
+    def _update_score_bias(self) -> None:
+        if self._load_LE is None:
+            return
+        load_LE, self._load_LE = all_reduce_sum(self._load_LE), None
+        for layer, load_E in zip(self.moe_layers.values(), load_LE):
+            auxfree_update_(layer.score_bias_E, load_E, self.router_cfg.auxfree_rate)
+
     def _optimizer_step(self, opt) -> None:
-        """Clip and step — unless the loss or a gradient is non-finite: then the weights stay
-        as they are, the step is counted in ``train/skipped_steps``, and after
-        ``optim.max_skipped_steps`` in a row the run stops with a checkpoint of this state."""
-        finite, self._finite = self._finite and self._grads_finite(), True
-        if not finite:
+        """Step — unless the loss or a gradient is non-finite on any rank: then the weights
+        stay as they are, the step is counted in ``train/skipped_steps``, and after
+        ``optim.max_skipped_steps`` in a row the run stops with a checkpoint of this state.
+        Under 16-mixed the GradScaler owns overflowing gradients: it skips that update and
+        lowers its scale (so the optimizer step is still called), and only a non-finite
+        loss counts as skipped here."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        local = self._finite if scaler is not None else self._finite & self._grads_finite()
+        self._finite = None
+        if not all_ranks_true(local):  # the one host sync of the step: every rank decides alike
+            if scaler is not None:
+                opt.step()  # the scaler sees the non-finite gradients: skips and backs off
             opt.zero_grad(set_to_none=True)
+            self._load_LE = None
             self.skipped_steps += 1
             self._consecutive_skips += 1
             limit = self.optim_cfg.max_skipped_steps
@@ -215,10 +313,14 @@ class SMKModule(L.LightningModule):
                 self._halt_nonfinite()
             return
         self._consecutive_skips = 0
-        if self.optim_cfg.grad_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         self.lr_schedulers().step()
+        self._update_score_bias()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Here, not before opt.step(): a 16-mixed GradScaler has unscaled the gradients by now.
+        if self.optim_cfg.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
 
     def _halt_nonfinite(self) -> None:
         trainer = self.trainer
@@ -233,31 +335,41 @@ class SMKModule(L.LightningModule):
             "lower optim.lr or check the data, then resume with --ckpt_path"
         )
 
-    def _grads_finite(self) -> bool:
+    def _grads_finite(self) -> Tensor:
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        return not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        if not grads:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.stack(torch._foreach_norm(grads)).isfinite().all()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["smk_state"] = {
-            "probe_generator": self._probe_gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self._consecutive_skips,
-        }
+        state = {"skipped_steps": self.skipped_steps, "consecutive_skips": self._consecutive_skips,
+                 "micro": self._micro}
+        if self._micro:  # mid-way through gradient accumulation: keep what was accumulated
+            state["finite"] = self._finite.cpu()
+            state["grads"] = {n: p.grad.cpu() for n, p in self.named_parameters() if p.grad is not None}
+            if self._load_LE is not None:
+                state["load"] = self._load_LE.cpu()
+        checkpoint["smk_state"] = state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("smk_state")
-        if state:
-            self._probe_gen.set_state(state["probe_generator"])
-            torch.set_rng_state(state["torch_rng"])
-            self.skipped_steps = state["skipped_steps"]
-            self._consecutive_skips = state["consecutive_skips"]
+        if not state:
+            return
+        self.skipped_steps = state["skipped_steps"]
+        self._consecutive_skips = state["consecutive_skips"]
+        self._micro = state.get("micro", 0)
+        if self._micro:
+            self._finite = state["finite"].to(self.device)
+            params = dict(self.named_parameters())
+            for n, g in state["grads"].items():
+                params[n].grad = g.to(params[n].device, params[n].dtype)
+            self._load_LE = state["load"].to(self.device) if "load" in state else None
 
     # -- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         want_stats = self.stats_cfg.enabled and bool(self.moe_layers) and batch_idx < self.stats_cfg.val_batches
         if want_stats:
-            self._val_stats(batch)
+            self._val_stats(batch, batch_idx)
         with torch.no_grad():
             logits = self.model(batch["input_ids"])
             loss = self.lm_loss(logits, batch["targets"])
@@ -265,29 +377,26 @@ class SMKModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", self.val_ppl)
 
-    def _val_stats(self, batch: dict[str, Tensor]) -> None:
-        """val/g_acc and val/kl_div: a forward + backward under enable_grad whose gradients
-        go to ``torch.autograd.grad`` (never to ``.grad``); no parameter or optimizer change."""
+    def _val_stats(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """val/g_acc, val/kl_div, …: a forward + backward under enable_grad whose gradients go
+        to ``torch.autograd.grad`` (never to ``.grad``), with respect to every expert weight
+        of every MoE layer (a subset would prune some layers' hooks); its own probe stream.
+        No parameter, optimizer or training state changes."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("validation statistics need a backward: run the Trainer with inference_mode=False")
-        self._set_capture(True)
-        try:
-            with torch.enable_grad():
-                logits = self.model(batch["input_ids"])
-                loss = self.lm_loss(logits, batch["targets"])
-                n_tokens = int((batch["targets"] != -1).sum())
-                for layer in self.moe_layers.values():
-                    layer.capture.grad_scale = float(n_tokens)
-                lowest = next(iter(self.moe_layers.values()))
-                torch.autograd.grad(loss, [lowest.w2], allow_unused=True)
-                self._stats_and_smk()
-        finally:
-            self._set_capture(False)
-        metrics_by_layer = self.step_metrics()
+        experts = [w for layer in self.moe_layers.values() for w in (layer.w1, layer.w2, layer.w3) if w is not None]
+        with StatsCapture(self.moe_layers) as capture, torch.enable_grad():
+            loss = self.lm_loss(self.model(batch["input_ids"]), batch["targets"])
+            torch.autograd.grad(loss, experts)
+            capture.set_grad_scale((batch["targets"] != -1).sum())
+            _, targets, _ = self._stats_and_targets(capture, VAL_STREAM, batch_idx, 0)
+        for layer in self.moe_layers.values():
+            layer.release_graph()
+        metrics_by_layer = {name: smk_metrics(*args) for name, args in targets.items()}
         for name, metrics in metrics_by_layer.items():
-            for key in ("g_acc", "kl_div", "topk_overlap"):
+            for key in METRIC_KEYS:
                 self.log(f"val/{name}/{key}", metrics[key], sync_dist=True)
-        for key in ("g_acc", "kl_div", "topk_overlap"):
+        for key in METRIC_KEYS:
             self.log(f"val/{key}", torch.stack([m[key] for m in metrics_by_layer.values()]).nanmean(),
                      sync_dist=True)
 

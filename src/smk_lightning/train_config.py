@@ -60,10 +60,8 @@ class StatsConfig:
     """Tokens per vmap chunk (bounds the memory of the vmap engine)."""
     val_batches: int = 2
     """Validation batches on which val/g_acc and val/kl_div are computed (0 disables)."""
-    heatmap_every_n_steps: int = 100
-    """Log the expert × domain heatmaps of mean M_G and of routing every n steps."""
     seed: int = 0
-    """Seed of the probe-token draw."""
+    """Seed of the probe-token draw (probe rows are a pure function of seed, step, micro-batch, layer and rank)."""
 
     def __post_init__(self) -> None:
         from smk_lightning.stats import get_engine
@@ -88,26 +86,34 @@ class StatsConfig:
 class RouterConfig:
     """How the router is trained."""
 
-    loss: Literal["smk", "switch", "none"] = "smk"
-    """smk: smk_loss on ΔSC targets; switch: Switch load-balancing loss; none: main loss only."""
+    loss: Literal["smk", "switch", "auxfree", "none"] = "smk"
+    """smk: smk_loss on ΔSC targets; switch: Switch load-balancing loss; auxfree: aux-loss-free bias balancing (no router loss); none: main loss only."""
     weight: float = 1.0
     """Weight of the router loss chosen in `loss` (smk_loss or the Switch aux loss; Switch usually 0.01)."""
+    balance: Literal["switch", "auxfree", "none"] = "switch"
+    """Balance mechanism used together with loss=smk: a Switch aux loss of weight balance_weight, aux-loss-free bias balancing, or none."""
     balance_weight: float = 1.0
-    """Weight of a Switch load-balancing loss added to smk_loss (loss=smk only; 0 disables). Without it smk routing collapses onto one expert per layer (see README results)."""
+    """Weight of the Switch balance term added to smk_loss (loss=smk, balance=switch; 0 disables)."""
+    auxfree_rate: float = 1e-3
+    """Aux-loss-free balancing: per-step change of each expert's routing bias (DeepSeek-V3's γ)."""
     z_loss_weight: float = 0.0
     """Weight of the router z-loss (combinable with any `loss`; 0 disables)."""
-    delta_sc: Literal["zscore", "sigmoid", "surprise"] = "zscore"
-    """ΔSC: z(M_A) − z(M_G), σ(M_A) − σ(M_G), or −M_G."""
-    target: Literal["hard", "soft"] = "soft"
-    """hard: CE to argmax ΔSC; soft: KL(softmax(ΔSC/τ) ‖ p)."""
+    delta_sc: Literal["zscore", "zscore_expert", "sigmoid", "surprise"] = "zscore"
+    """ΔSC: z(M_A) − z(M_G) (global z-scores), the same with each expert column standardised on its own, σ(M_A) − σ(M_G), or −M_G."""
+    target: Literal["hard", "soft", "balanced"] = "soft"
+    """hard: CE to argmax ΔSC; soft: KL(softmax(ΔSC/τ) ‖ p̃); balanced: soft, with Q on dense rows Sinkhorn-balanced over experts."""
     tau: float = 1.0
     """Temperature τ of the soft target (also used for the kl_div metric)."""
+    sinkhorn_iters: int = 20
+    """Sinkhorn–Knopp iterations of target=balanced."""
     decoupled: bool = True
     """True: only smk_loss trains the router (main loss sees a detached router); False: both do."""
 
     def __post_init__(self) -> None:
         if self.tau <= 0:
             raise ConfigError(f"router.tau={self.tau} must be > 0")
-        for name in ("weight", "balance_weight", "z_loss_weight"):
+        if self.sinkhorn_iters < 1:
+            raise ConfigError(f"router.sinkhorn_iters={self.sinkhorn_iters} must be >= 1")
+        for name in ("weight", "balance_weight", "z_loss_weight", "auxfree_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"router.{name}={getattr(self, name)} must be >= 0")

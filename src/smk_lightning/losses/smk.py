@@ -1,33 +1,63 @@
 """smk_loss: route each token to the expert with the best synergy score ΔSC (DESIGN §2).
 
-Shape legend: N tokens, E experts, K top_k. ``mask_NE`` marks the entries where both
-statistics are defined; only rows with at least two defined experts take part.
+Shape legend: N tokens, E experts. ``mask_NE`` marks the entries where both statistics
+are defined; ``D_t`` is row t's defined set. Only rows with ``|D_t| ≥ 2`` take part, and
+the router distribution is restricted to ``D_t`` (``p̃ = softmax`` of the logits over
+``D_t``): a routed row orders only the experts it has evidence for and never pushes down
+an expert it knows nothing about (the gradient on an undefined logit is exactly zero).
+
+Batch-level moments (z-score means/stds, Sinkhorn column sums, the count of rows the
+loss averages over) are sums over the *global* batch: ``all_reduce`` sums a tensor over
+the ranks (identity on one process). No boolean indexing: every reduction is a masked
+sum, so nothing here waits for the device.
 Nothing here carries gradient except the router logits passed to ``smk_loss``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-DELTA_SC = ("zscore", "sigmoid", "surprise")
-TARGETS = ("hard", "soft")
+DELTA_SC = ("zscore", "zscore_expert", "sigmoid", "surprise")
+TARGETS = ("hard", "soft", "balanced")
+
+AllReduce = Callable[[Tensor], Tensor]
 
 
-def _zscore(M_NE: Tensor, mask_NE: Tensor) -> Tensor:
-    vals = M_NE[mask_NE]
-    std = vals.std(unbiased=False) if vals.numel() > 1 else vals.new_tensor(0.0)
-    return (M_NE - vals.mean()) / std.clamp_min(1e-12)
+def _no_reduce(t: Tensor) -> Tensor:
+    return t
 
 
-def delta_sc(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str = "zscore") -> Tensor:
-    """Synergy score [N, E]; -inf where undefined. z-scores are over all defined entries."""
-    if kind == "zscore":
-        d = _zscore(M_A, mask_NE) - _zscore(M_G, mask_NE)
+def _acc(t: Tensor) -> Tensor:
+    """float32 at least (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _zscore(M_NE: Tensor, mask_NE: Tensor, dim: int | None, all_reduce: AllReduce) -> Tensor:
+    """(M − mean) / std over the defined entries: all of them (dim None) or per column (dim 0)."""
+    dims = (0, 1) if dim is None else (dim,)
+    vals_NE = torch.where(mask_NE, M_NE, 0.0)
+    sums = all_reduce(torch.stack([vals_NE.sum(dims), mask_NE.sum(dims).to(M_NE.dtype)]))
+    count = sums[1].clamp_min(1.0)
+    mean = sums[0] / count
+    sqdev = all_reduce(torch.where(mask_NE, (M_NE - mean).square(), 0.0).sum(dims))
+    std = (sqdev / count).sqrt()
+    return (M_NE - mean) / std.clamp_min(1e-12)
+
+
+def delta_sc(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str = "zscore",
+             all_reduce: AllReduce = _no_reduce) -> Tensor:
+    """Synergy score [N, E]; -inf where undefined.
+
+    zscore: z-scores over all defined entries of the (global) batch; zscore_expert: each
+    expert column standardised over the tokens where it is defined."""
+    if kind in ("zscore", "zscore_expert"):
+        dim = None if kind == "zscore" else 0
+        d = _zscore(M_A, mask_NE, dim, all_reduce) - _zscore(M_G, mask_NE, dim, all_reduce)
     elif kind == "sigmoid":
         d = torch.sigmoid(M_A) - torch.sigmoid(M_G)
     elif kind == "surprise":
@@ -37,61 +67,107 @@ def delta_sc(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str = "zscore") ->
     return d.masked_fill(~mask_NE, float("-inf"))
 
 
+def sinkhorn(logits_NE: Tensor, rows_N: Tensor, iters: int, all_reduce: AllReduce = _no_reduce) -> Tensor:
+    """Sinkhorn–Knopp projection of ``exp(logits)`` on the rows ``rows_N``: every row sums
+    to 1 and every column to (global row count)/E, up to the iterations' convergence (the
+    last step normalises rows, so row sums are exact). Zero on the other rows."""
+    E = logits_NE.shape[1]
+    safe_NE = torch.where(rows_N.unsqueeze(1), logits_NE, 0.0)
+    q_NE = (safe_NE - safe_NE.amax(1, keepdim=True)).exp() * rows_N.unsqueeze(1)
+    n_rows = all_reduce(rows_N.sum().to(q_NE.dtype))
+    for _ in range(iters):
+        col_E = all_reduce(q_NE.sum(0))
+        q_NE = q_NE * (n_rows / E / col_E.clamp_min(torch.finfo(q_NE.dtype).tiny))
+        q_NE = q_NE / q_NE.sum(1, keepdim=True).clamp_min(torch.finfo(q_NE.dtype).tiny)
+    return q_NE
+
+
 @dataclass
 class SMKTargets:
+    mask_NE: Tensor  # defined entries (D_t per row)
     rows_N: Tensor  # rows with ≥ 2 defined experts
-    hard_N: Tensor  # argmax ΔSC (valid on rows_N)
-    soft_NE: Tensor  # softmax(ΔSC / τ), zero where undefined
-    dsc_NE: Tensor
+    dense_N: Tensor  # rows where every expert is defined
+    hard_N: Tensor  # argmax_{D_t} ΔSC (valid on rows_N)
+    q_NE: Tensor  # target distribution Q (soft or balanced), zero outside D_t
+    dsc_NE: Tensor  # ΔSC, -inf outside D_t
 
 
-def _acc(t: Tensor) -> Tensor:
-    """float32 at least (float64 stays float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def smk_targets(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str, tau: float) -> SMKTargets:
+def smk_targets(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str, tau: float,
+                target: Literal["hard", "soft", "balanced"] = "soft", sinkhorn_iters: int = 20,
+                all_reduce: AllReduce = _no_reduce) -> SMKTargets:
     """Targets from the statistics; detached, so they never carry gradient."""
-    dsc_NE = delta_sc(_acc(M_A.detach()), _acc(M_G.detach()), mask_NE, kind)
-    rows_N = mask_NE.sum(1) >= 2
-    safe_NE = torch.where(rows_N.unsqueeze(1), dsc_NE, torch.zeros_like(dsc_NE))
-    return SMKTargets(rows_N, safe_NE.argmax(1), (safe_NE / tau).softmax(1), dsc_NE)
+    dsc_NE = delta_sc(_acc(M_A.detach()), _acc(M_G.detach()), mask_NE, kind, all_reduce)
+    counts_N = mask_NE.sum(1)
+    rows_N, dense_N = counts_N >= 2, counts_N == mask_NE.shape[1]
+    # Rows with no defined entry get 0 instead of -inf so that nothing below is NaN.
+    safe_NE = torch.where(counts_N.unsqueeze(1) > 0, dsc_NE, torch.zeros_like(dsc_NE))
+    q_NE = (safe_NE / tau).softmax(1)
+    if target == "balanced":
+        q_bal = sinkhorn(safe_NE / tau, dense_N, sinkhorn_iters, all_reduce)
+        q_NE = torch.where(dense_N.unsqueeze(1), q_bal, q_NE)
+    return SMKTargets(mask_NE, rows_N, dense_N, safe_NE.argmax(1), q_NE, dsc_NE)
 
 
-def smk_loss(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft"]) -> Tensor:
-    """CE to the argmax target (hard) or KL(Q ‖ p) (soft), averaged over valid rows."""
-    if not t.rows_N.any():
-        return logits_NE.sum() * 0.0
-    z_ME = _acc(logits_NE[t.rows_N])
+def _masked_log_softmax(logits_NE: Tensor, t: SMKTargets) -> Tensor:
+    """log p̃: log-softmax over D_t (−inf elsewhere); rows with < 2 defined experts use all
+    logits (they are excluded from every mean, and must not make NaN gradients)."""
+    keep_NE = t.mask_NE | ~t.rows_N.unsqueeze(1)
+    return _acc(logits_NE).masked_fill(~keep_NE, float("-inf")).log_softmax(-1)
+
+
+def _kl_rows(t: SMKTargets, logp_NE: Tensor) -> Tensor:
+    """KL(Q_t ‖ p̃_t) per row (0·log 0 = 0; entries outside D_t contribute nothing)."""
+    q_NE = t.q_NE.to(logp_NE.dtype)
+    return torch.where(t.mask_NE, torch.xlogy(q_NE, q_NE) - q_NE * logp_NE, 0.0).sum(-1)
+
+
+def smk_loss_sum(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft", "balanced"]) -> Tensor:
+    """Σ over the valid rows of CE to the argmax target (hard) or KL(Q ‖ p̃) (soft, balanced)."""
+    logp_NE = _masked_log_softmax(logits_NE, t)
     if target == "hard":
-        return F.cross_entropy(z_ME, t.hard_N[t.rows_N])
-    if target == "soft":
-        return kl_q_p(t.soft_NE[t.rows_N], z_ME).mean()
-    raise ValueError(f"smk target {target!r} does not exist; use one of {TARGETS}")
+        per_row = -logp_NE.gather(1, t.hard_N.unsqueeze(1)).squeeze(1)
+    elif target in ("soft", "balanced"):
+        per_row = _kl_rows(t, logp_NE)
+    else:
+        raise ValueError(f"smk target {target!r} does not exist; use one of {TARGETS}")
+    return torch.where(t.rows_N, per_row, 0.0).sum()
 
 
-def kl_q_p(q_ME: Tensor, logits_ME: Tensor) -> Tensor:
-    """KL(Q ‖ softmax(logits)) per row; 0·log 0 = 0."""
-    return (torch.xlogy(q_ME, q_ME) - q_ME * logits_ME.log_softmax(-1)).sum(-1)
+def smk_loss(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft", "balanced"],
+             all_reduce: AllReduce = _no_reduce) -> Tensor:
+    """Mean over the valid rows of the global batch of this rank's share: summed over the
+    ranks it is the global mean (0 with gradient 0 when no row is valid)."""
+    count = all_reduce(t.rows_N.sum().to(logits_NE.dtype)).clamp_min(1.0)
+    return smk_loss_sum(logits_NE, t, target) / count
+
+
+def _masked_mean(vals_N: Tensor, rows_N: Tensor) -> Tensor:
+    """Mean of ``vals_N`` over ``rows_N``; NaN when no row qualifies."""
+    n = rows_N.sum()
+    return torch.where(rows_N, vals_N, 0.0).sum() / torch.where(n > 0, n, torch.nan)
 
 
 @torch.no_grad()
-def smk_metrics(logits_NE: Tensor, t: SMKTargets, top_k: int) -> dict[str, Tensor]:
-    """g_acc and kl_div (with the configured τ) over rows with ≥ 2 defined experts;
-    topk_overlap over rows with more than top_k defined experts (on the others it is 1 by
-    construction). NaN where no row qualifies."""
-    nan = _acc(logits_NE.new_tensor(float("nan")))
-    rows = t.rows_N
-    if not rows.any():
-        return {"g_acc": nan, "kl_div": nan, "topk_overlap": nan}
-    z_ME = _acc(logits_NE[rows])
-    g_acc = (z_ME.argmax(1) == t.hard_N[rows]).float().mean()
-    kl = kl_q_p(t.soft_NE[rows], z_ME).mean()
-    wide = torch.isfinite(t.dsc_NE).sum(1) > top_k
-    overlap = nan
-    if wide.any():
-        z_WE, dsc_WE = _acc(logits_NE[wide]), t.dsc_NE[wide]
-        sel = torch.zeros_like(z_WE, dtype=torch.bool).scatter_(1, z_WE.topk(top_k, 1).indices, True)
-        best = torch.zeros_like(sel).scatter_(1, dsc_WE.topk(top_k, 1).indices, True)
-        overlap = (sel & best).sum(1).float().div(top_k).mean()
-    return {"g_acc": g_acc, "kl_div": kl, "topk_overlap": overlap}
+def smk_metrics(logits_NE: Tensor, t: SMKTargets, top_k: int, topi_NK: Tensor | None = None) -> dict[str, Tensor]:
+    """Per MoE layer, NaN where no row qualifies:
+
+    g_acc: share of rows with |D_t| ≥ 2 whose argmax_{D_t} logit equals argmax_{D_t} ΔSC;
+    g_acc_dense: the same over rows where every expert is defined (chance 1/E);
+    kl_div: mean KL(Q ‖ p̃) over rows with |D_t| ≥ 2 (with the configured τ);
+    topk_overlap: |S_t ∩ topk(ΔSC_t)| / k over rows with more than k defined experts, S_t
+    the router's own selection (``topi_NK``; the logits' top-k when not given)."""
+    logp_NE = _masked_log_softmax(logits_NE, t)
+    hit_N = (logp_NE.argmax(1) == t.hard_N).to(logp_NE.dtype)
+    wide_N = t.mask_NE.sum(1) > top_k
+    if topi_NK is None:
+        topi_NK = logits_NE.topk(top_k, 1).indices
+    best_NK = torch.where(wide_N.unsqueeze(1), t.dsc_NE, 0.0).topk(top_k, 1).indices
+    sel_NE = torch.zeros_like(t.mask_NE).scatter_(1, topi_NK, True)
+    best_NE = torch.zeros_like(t.mask_NE).scatter_(1, best_NK, True)
+    overlap_N = (sel_NE & best_NE).sum(1).to(logp_NE.dtype) / top_k
+    return {
+        "g_acc": _masked_mean(hit_N, t.rows_N),
+        "g_acc_dense": _masked_mean(hit_N, t.dense_N & t.rows_N),
+        "kl_div": _masked_mean(_kl_rows(t, logp_NE), t.rows_N),
+        "topk_overlap": _masked_mean(overlap_N, wide_N),
+    }

@@ -18,7 +18,7 @@ backward, and the upstream gradient ḡ (see ``Capture``). Capture is off unless
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -45,6 +45,11 @@ class Capture:
     tensor hooks on y, u (and v) store the squared row norms of the gradients the normal
     backward computes anyway: w·ḡ, w·g_u, w·g_v, with w the pair's combine weight. No
     extra matmul, no per-token gradient.
+
+    The gradient slots start as NaN and every hook records its name in ``fired`` (a
+    Python set, so checking it costs no device sync): a backward that pruned a hook
+    (e.g. ``autograd.grad`` to a subset of the weights) is caught by
+    ``missing_hooks()`` instead of silently leaving a zero.
     """
 
     x_ND: Tensor  # layer input (detached)
@@ -55,27 +60,41 @@ class Capture:
     gysq_P: Tensor  # ‖∂L/∂y‖² = w²‖ḡ‖² (mean-loss gradient)
     gusq_P: Tensor  # ‖∂L/∂u‖² = w²‖g_u‖²
     gvsq_P: Tensor  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for GELU)
-    grad_scale: float = 1.0  # multiplies the captured gradients (mean-loss → sum-loss)
+    grad_scale: float | Tensor = 1.0  # multiplies the captured gradients (→ ∂L_sum/∂o, DESIGN §2)
     grad_ND: Tensor | None = None  # ∂L/∂o, caught by the output hook (unscaled)
+    expected: tuple[str, ...] = ()  # hooks that must fire in the backward
+    fired: set[str] = field(default_factory=set)
+
+    def missing_hooks(self) -> list[str]:
+        return [h for h in self.expected if h not in self.fired]
 
 
 def _store_sq(cap: Capture, attr: str, grad: Tensor) -> None:
     """Tensor hook: keep the squared row norms of a gradient, accumulated in float32+."""
     acc = torch.promote_types(grad.dtype, torch.float32)
     setattr(cap, attr, torch.linalg.vector_norm(grad, dim=-1, dtype=acc).square())
+    cap.fired.add(attr)
 
 
-def _store(obj, attr: str, _unused, grad: Tensor) -> None:
-    setattr(obj, attr, grad.detach())
+def _store(cap: Capture, attr: str, grad: Tensor) -> None:
+    setattr(cap, attr, grad.detach())
+    cap.fired.add(attr)
 
 
-def route(logits_NE: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+def route(logits_NE: Tensor, top_k: int, renormalize: bool,
+          bias_E: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax → top-k → (optionally) renormalised combine weights.
 
+    ``bias_E`` (aux-loss-free balancing) is added to the probabilities for the top-k
+    choice only; the combine weights are the unbiased probabilities of the chosen experts.
     Returns (probs_NE, weights_NK, topi_NK); probabilities are computed in float32 at least.
     """
     probs_NE = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)).softmax(dim=-1)
-    topw_NK, topi_NK = probs_NE.topk(top_k, dim=-1)
+    if bias_E is None:
+        topw_NK, topi_NK = probs_NE.topk(top_k, dim=-1)
+    else:
+        topi_NK = (probs_NE.detach() + bias_E.to(probs_NE.dtype)).topk(top_k, dim=-1).indices
+        topw_NK = probs_NE.gather(1, topi_NK)
     if renormalize:
         topw_NK = topw_NK / topw_NK.sum(dim=-1, keepdim=True)
     return probs_NE, topw_NK, topi_NK
@@ -132,6 +151,9 @@ class MoELayer(nn.Module):
         self.last_logits_NE: Tensor | None = None
         self.last_probs_NE: Tensor | None = None
         self.last_topi_NK: Tensor | None = None
+        # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias on the scores for the top-k
+        # choice only; a buffer, so it is checkpointed. None unless ``enable_score_bias()``.
+        self.score_bias_E: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -140,6 +162,10 @@ class MoELayer(nn.Module):
             if w is not None:
                 nn.init.normal_(w, std=1.0 / math.sqrt(self.d_model))
         nn.init.normal_(self.w2, std=1.0 / math.sqrt(self.d_ff))
+
+    def enable_score_bias(self) -> None:
+        """Add the aux-loss-free balancing bias (zeros; the trainer nudges it after each step)."""
+        self.register_buffer("score_bias_E", torch.zeros(self.num_experts, device=self.w1.device))
 
     def expert_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """(w1_DF, w2_FD, w3_DF or None) of expert ``e``."""
@@ -154,7 +180,7 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_ND = x.reshape(-1, self.d_model)
         logits_NE = self.router_logits(x_ND)
-        probs_NE, weights_NK, topi_NK = route(logits_NE, self.top_k, self.renormalize)
+        probs_NE, weights_NK, topi_NK = route(logits_NE, self.top_k, self.renormalize, self.score_bias_E)
         routing = sort_pairs(topi_NK.detach(), self.num_experts)
         if self.detach_router and torch.is_grad_enabled():
             logits_NE = self.router(x_ND.detach())  # the router losses' view (see __init__)
@@ -183,7 +209,7 @@ class MoELayer(nn.Module):
         y_PD = torch.empty_like(ys_PD).index_copy_(0, routing.order_P, ys_PD)
         out_ND = (y_PD.view(-1, self.top_k, self.d_model) * weights_NK.unsqueeze(-1).to(y_PD.dtype)).sum(1)
         if cap is not None and out_ND.requires_grad:
-            out_ND.register_hook(partial(_store, cap, "grad_ND", None))
+            out_ND.register_hook(partial(_store, cap, "grad_ND"))
         return out_ND.view(shape)
 
     # -- statistics capture ---------------------------------------------------------------
@@ -195,14 +221,15 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             ma_P = torch.linalg.vector_norm(ys_PD, dim=-1, dtype=acc)
             hsq_P = torch.linalg.vector_norm(h_PF, dim=-1, dtype=acc).square()
-        zeros_P = torch.zeros_like(ma_P)
+        nan_P = torch.full_like(ma_P, float("nan"))  # until the hooks fire (see ``Capture``)
+        gvsq_P = nan_P if v_PF is not None else torch.zeros_like(ma_P)  # GELU has no v
         cap = self.capture = Capture(x_ND.detach(), weights_NK.detach(), routing, ma_P, hsq_P,
-                                     zeros_P, zeros_P, zeros_P)
+                                     nan_P, nan_P, gvsq_P, expected=("grad_ND",))
         if ys_PD.requires_grad:
-            ys_PD.register_hook(partial(_store_sq, cap, "gysq_P"))
-            u_PF.register_hook(partial(_store_sq, cap, "gusq_P"))
-            if v_PF is not None:
-                v_PF.register_hook(partial(_store_sq, cap, "gvsq_P"))
+            hooked = [("gysq_P", ys_PD), ("gusq_P", u_PF)] + ([("gvsq_P", v_PF)] if v_PF is not None else [])
+            for attr, t in hooked:
+                t.register_hook(partial(_store_sq, cap, attr))
+            cap.expected += tuple(a for a, _ in hooked)
         return cap
 
     def release_graph(self) -> None:

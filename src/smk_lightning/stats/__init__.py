@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from smk_lightning.model.moe import MoELayer, route
+from smk_lightning.stats.capture import StatsCapture, probe_generator
 from smk_lightning.stats.ghost import ghost_stats
 from smk_lightning.stats.loop import loop_stats
 from smk_lightning.stats.scopes import SCOPES, check_scope, scope_mask
@@ -43,14 +44,18 @@ def expert_token_stats(layer: MoELayer, x: Tensor, grad_out: Tensor, engine: str
 
     Parameters and their ``.grad`` are not changed.
     """
-    fn = get_engine(engine)
+    with torch.autocast(x.device.type, enabled=False):  # DESIGN §2: float32 or wider
+        return _expert_token_stats(layer, x, grad_out, get_engine(engine), scope, probe_fraction, generator)
+
+
+def _expert_token_stats(layer, x, grad_out, fn, scope, probe_fraction, generator):
     check_scope(scope, probe_fraction)
     x_ND = x.detach().reshape(-1, layer.d_model)
     g_ND = grad_out.detach().reshape(-1, layer.d_model)
     if x_ND.shape != g_ND.shape:
         raise ValueError(f"x {tuple(x.shape)} and grad_out {tuple(grad_out.shape)} must have the same shape")
     with torch.no_grad():
-        _, _, topi_NK = route(layer.router_logits(x_ND), layer.top_k, layer.renormalize)
+        _, _, topi_NK = route(layer.router_logits(x_ND), layer.top_k, layer.renormalize, layer.score_bias_E)
     mask_NE = scope_mask(topi_NK, layer.num_experts, scope, probe_fraction, generator)
     dt = stats_dtype(x_ND, g_ND, layer.w1)
     M_A = torch.full(mask_NE.shape, float("nan"), dtype=dt, device=x_ND.device)
@@ -59,4 +64,5 @@ def expert_token_stats(layer: MoELayer, x: Tensor, grad_out: Tensor, engine: str
     return M_A, M_G
 
 
-__all__ = ["ENGINES", "SCOPES", "expert_token_stats", "get_engine", "step_stats"]
+__all__ = ["ENGINES", "SCOPES", "StatsCapture", "expert_token_stats", "get_engine", "probe_generator",
+           "step_stats"]

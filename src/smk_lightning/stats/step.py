@@ -26,11 +26,19 @@ def step_stats(layer: MoELayer, engine: Callable, scope: str, probe_fraction: fl
     """(M_A, M_G, mask) ``[N, E]`` for the layer's captured step; ``engine`` is an
     ``ENGINES`` entry (ghost gets the capture fast path)."""
     cap = layer.capture
-    if cap is None or cap.grad_ND is None:
+    if cap is None or cap.missing_hooks():
         raise RuntimeError(
-            "no captured forward/backward on this MoE layer: set layer.capture_stats, run the "
-            "forward and the backward, then call step_stats"
+            "no complete captured forward/backward on this MoE layer "
+            f"({'no capture' if cap is None else 'hooks that did not fire: ' + ', '.join(cap.missing_hooks())}): "
+            "set layer.capture_stats, run the forward and a backward that reaches every expert weight, "
+            "then call step_stats"
         )
+    with torch.autocast(cap.x_ND.device.type, enabled=False):  # DESIGN §2: float32 or wider
+        return _step_stats(layer, cap, engine, scope, probe_fraction, generator)
+
+
+def _step_stats(layer: MoELayer, cap, engine: Callable, scope: str, probe_fraction: float | None,
+                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
     routing, E = cap.routing, layer.num_experts
     mask_NE = scope_mask(routing.topi_NK, E, scope, probe_fraction, generator)
     dt = torch.promote_types(cap.ma_P.dtype, cap.grad_ND.dtype)

@@ -1,0 +1,54 @@
+"""The few collective operations the training step needs beyond what DDP does for it.
+
+DDP averages the gradients of the parameters it owns. The statistics need more: sums
+of batch moments over all ranks (z-scores, Sinkhorn columns, row counts), one global
+decision to skip a non-finite step, and the router gradients, which DDP does not own
+(see ``SMKModule``: the smk gradient is computed by its own ``autograd.grad`` and must
+not go through DDP's reducer). On one process every function here is the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """Σ over ranks of ``t`` (a new tensor; no gradient flows through it)."""
+    if world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def all_ranks_true(flag: Tensor) -> bool:
+    """True when ``flag`` (a 0-d bool tensor) is true on every rank. One host sync."""
+    if world_size() > 1:
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def average_grads(params: list[Tensor]) -> None:
+    """Replace each parameter's ``.grad`` by its mean over ranks (missing grads count as 0)."""
+    if world_size() == 1 or not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def broadcast_(params: list[Tensor], src: int = 0) -> None:
+    """Copy rank ``src``'s values of ``params`` to every rank (for weights DDP does not own)."""
+    if world_size() == 1:
+        return
+    for p in params:
+        dist.broadcast(p.data, src)

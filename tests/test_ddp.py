@@ -1,0 +1,103 @@
+"""DDP (DESIGN §2, "Distributed"): 2 ranks × batch b equal 1 rank × batch 2b over the same
+tokens — loss, M_A / M_G, targets and every weight after 3 optimizer steps — with
+Lightning's own DDP strategy (``ddp_spawn``: the same DDP wrapper as ``ddp``, launched
+from inside pytest), 2 CPU processes on gloo, float64."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from torch.utils.data import DataLoader, DistributedSampler
+
+from smk_lightning.module import SMKModule
+from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+from tests.helpers import RandomDataModule, tiny_model
+
+STEPS, BATCH = 3, 4
+
+
+class Recorder(L.Callback):
+    """Per step: loss, statistics and targets; at the end: every weight. One file per rank."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.steps: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        rec = {"loss": loss.detach().clone(), "stats": {}, "targets": {}}
+        for name, (M_A, M_G, mask) in pl_module.step_stats.items():
+            rec["stats"][name] = (M_A.clone(), M_G.clone(), mask.clone())
+            t = pl_module._step_targets[name][1]
+            rec["targets"][name] = (t.q_NE.clone(), t.hard_N.clone(), t.dsc_NE.clone())
+        self.steps.append(rec)
+
+    def on_train_end(self, trainer, pl_module):
+        weights = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save({"steps": self.steps, "weights": weights}, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+class InterleavedData(RandomDataModule):
+    """Rank r of W reads samples r, r+W, r+2W, … in order (Lightning's own sampler shuffles)."""
+
+    def train_dataloader(self):
+        sampler = DistributedSampler(self.ds, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                     shuffle=False)
+        return DataLoader(self.ds, batch_size=self.batch_size, sampler=sampler)
+
+
+def run(tmp: Path, scope: str, devices: int) -> list[dict]:
+    L.seed_everything(0)
+    module = SMKModule(
+        model=tiny_model(),
+        optim=OptimConfig(warmup_steps=1, grad_clip=1.0),
+        stats=StatsConfig(scope=scope, engine="ghost", val_batches=0),
+        router=RouterConfig(loss="smk", balance="switch", balance_weight=0.5, z_loss_weight=0.01),
+    )
+    out = tmp / f"{scope}{devices}"
+    out.mkdir()
+    trainer = L.Trainer(
+        max_steps=STEPS, accelerator="cpu", devices=devices, precision="64-true",
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=[Recorder(str(out))], use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=InterleavedData(n=24, batch_size=BATCH // devices))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+
+
+def interleave(a: torch.Tensor, b: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """Rank 0 holds samples 0, 2, …, rank 1 samples 1, 3, … (DistributedSampler): merge them
+    back into sample order, ``rows_per_sample`` flattened token rows per sample."""
+    a = a.reshape(-1, rows_per_sample, *a.shape[1:])
+    b = b.reshape(-1, rows_per_sample, *b.shape[1:])
+    return torch.stack([a, b], dim=1).reshape(-1, *a.shape[2:])
+
+
+@pytest.mark.parametrize("scope", ["routed", "dense"])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, scope):
+    (one,) = run(tmp_path, scope, 1)
+    r0, r1 = run(tmp_path, scope, 2)
+    T = 16  # RandomDataModule's seq_len
+    for step in range(STEPS):
+        s1, s0, s2 = one["steps"][step], r0["steps"][step], r1["steps"][step]
+        # the loss is each rank's mean over its tokens; equal token counts → mean of means
+        torch.testing.assert_close((s0["loss"] + s2["loss"]) / 2, s1["loss"], rtol=1e-9, atol=1e-9)
+        assert set(s1["stats"]) == set(s0["stats"]) == {"layer0", "layer1"}
+        for name in s1["stats"]:
+            fulls = s1["stats"][name] + s1["targets"][name]
+            parts0 = s0["stats"][name] + s0["targets"][name]
+            parts1 = s2["stats"][name] + s2["targets"][name]
+            for full, p0, p1 in zip(fulls, parts0, parts1):
+                merged = interleave(p0, p1, T)
+                if merged.dtype in (torch.bool, torch.int64):
+                    assert torch.equal(merged, full), (step, name)
+                else:
+                    torch.testing.assert_close(merged, full, rtol=1e-6, atol=1e-9, equal_nan=True)
+    for k, w in one["weights"].items():
+        torch.testing.assert_close(r0["weights"][k], w, rtol=1e-6, atol=1e-9, msg=f"{k} (rank 0 vs 1 process)")
+        torch.testing.assert_close(r1["weights"][k], r0["weights"][k], rtol=0, atol=0, msg=f"{k} (rank 1 vs 0)")
