@@ -175,9 +175,9 @@ def test_text_file(tmp_path):
     f = tmp_path / "corpus.txt"
     _write_text(f)
     dm = _dm(tmp_path, data_files=str(f), data_format="text", val_fraction_docs=10)
-    assert dm.domain_names == ["text"]
+    assert dm.domain_names == []  # user text has no domain labels ...
     b = next(iter(dm.train_dataloader()))
-    assert b["input_ids"].shape == (4, 32) and int(b["domain"].max()) == 0
+    assert b["input_ids"].shape == (4, 32) and "domain" not in b  # ... and batches invent none
     assert len(list(dm.val_dataloader())) > 0
     # train and val documents are disjoint
     assert dm._train_ds.source.split == "train" and dm._val_ds.source.split == "val"
@@ -291,3 +291,64 @@ def test_lightning_checkpoint_resume_exact(tmp_path):
     fit(13, str(tmp_path / "a.ckpt"))
     assert len(seen) == len(full)
     assert all(torch.equal(a, b) for a, b in zip(full, seen))
+
+
+# ----------------------------------------------------------------------------- own text: feedback
+def _write_jsonl(path, n=600, field="text"):
+    import json
+
+    docs = list(itertools.islice(generate_documents(12, 10**9), n))
+    with open(path, "w") as fh:
+        for d in docs:
+            fh.write(json.dumps({field: d["text"], "id": 1}) + "\n")
+    return [d["text"] for d in docs]
+
+
+def test_format_inferred_from_extension(tmp_path):
+    """A .jsonl file without data_format is read as JSON: batches hold the documents' text, not raw JSON."""
+    _write_jsonl(tmp_path / "docs.jsonl")
+    dm = _dm(tmp_path, data_files=str(tmp_path / "docs.jsonl"))
+    assert dm.data_format == "json"
+    text = "".join(dm.tokenizer.decode(r) for b in itertools.islice(dm.train_dataloader(), 5)
+                   for r in b["input_ids"].tolist())
+    assert '"text"' not in text and '"id"' not in text and "{" not in text
+    assert "json, inferred from the extension" in dm.describe()
+
+
+def test_describe_counts_documents_and_tokens(tmp_path):
+    import zlib
+
+    f = tmp_path / "corpus.txt"
+    lines = _write_text(f)
+    dm = _dm(tmp_path, data_files=str(f), val_fraction_docs=10)
+    line = dm.describe()
+    n_val = sum(zlib.crc32(t.encode()) % 10 == 0 for t in lines)
+    assert f"{len(lines) - n_val:,} train / {n_val:,} val documents" in line
+    train_tok = sum(len(dm.tokenizer.encode(t).ids) + 1 for t in lines if zlib.crc32(t.encode()) % 10)
+    assert f"{train_tok:,} train / " in line
+    assert "one document in 10 held out" in line and "corpus.txt" in line
+    vocab = dm.tokenizer.get_vocab_size()
+    assert f"tokenizer: {vocab} tokens, trained on" in line
+    assert "cached at" in _dm(tmp_path, data_files=str(f), val_fraction_docs=10).describe()
+    assert "\n" not in line
+
+
+def test_describe_embedded(tmp_path):
+    line = _dm(tmp_path).describe()
+    assert "embedded corpus" in line and f"{SMALL['train_tokens']:,} train tokens per epoch" in line
+
+
+def test_sample_prompts(tmp_path):
+    """Embedded corpus: one built-in prompt per domain; user text: heads of held-out documents."""
+    import zlib
+
+    from smk_lightning.data.corpus import PROMPTS
+
+    assert _dm(tmp_path).sample_prompts() == list(PROMPTS)
+    f = tmp_path / "corpus.txt"
+    lines = _write_text(f)
+    prompts = _dm(tmp_path, data_files=str(f), val_fraction_docs=10).sample_prompts(3)
+    val_docs = [t for t in lines if zlib.crc32(t.encode()) % 10 == 0]
+    assert len(prompts) == 3
+    assert prompts[0] == " ".join(val_docs[0].split()[:6])[:48].rstrip()
+    assert all(any(d.startswith(p) for d in val_docs) for p in prompts)

@@ -1,8 +1,8 @@
 """RouterMonitor: routing health, smk instruments and expert specialisation in TensorBoard.
 
 Tags (``<layer>`` is ``layer<i>``):
-    train/g_acc, train/kl_div, train/topk_overlap      mean over MoE layers
-    routing/<layer>/g_acc, …/kl_div, …/topk_overlap   per layer
+    train/g_acc, train/kl_div, …                       mean over MoE layers of the module's step_metrics()
+    train/<layer>/g_acc, …/kl_div, …                   per layer (validation: val/<layer>/…)
     routing/<layer>/load                               histogram of per-expert token share
     routing/load_max_share                             largest expert share (1/E is balanced)
     routing/entropy                                    mean per-token router entropy (nats)
@@ -10,9 +10,25 @@ Tags (``<layer>`` is ``layer<i>``):
     routing/<layer>/domain_nmi                         NMI(chosen expert; token domain)
     stats/<layer>/M_A_mean, stats/<layer>/M_G_mean     means over defined entries
     figures: routing/<layer>/expert_domain, stats/<layer>/M_G_expert_domain
+
+Domain tags and figures need labelled data (the embedded corpus: the datamodule's
+``domain_names`` and a ``domain`` key in batches); for user text they are not logged.
+
+With gradient accumulation a callback sees every micro-batch while ``trainer.global_step``
+stands still, so counts are accumulated on every micro-batch and scalars and figures are
+logged once, on the micro-batch that ended the optimizer step (``pl_module.step_boundary``).
+Statistics are used only on the micro-batch that computed them (see ``_fresh_stats``); when
+a log step has none (``stats.every_n_steps > 1``), the statistics' scalars are logged at the
+next step that computes them, under that step's number.
+
+Every tag is written at ``trainer.global_step`` (optimizer steps taken) straight to the
+loggers: ``LightningModule.log`` would hold a value until the trainer's next flush and
+repeat it at every later flush, so a scalar logged only now and then would reappear stale.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import lightning as L
 import numpy as np
@@ -36,50 +52,98 @@ def normalized_mutual_info(counts_XY: np.ndarray) -> float:
     return 0.0 if hx + hy == 0 else 2 * mi / (hx + hy)
 
 
+def step_boundary(pl_module) -> bool:
+    """True on the micro-batch that ended an optimizer step (always, without accumulation)."""
+    return bool(getattr(pl_module, "step_boundary", True))
+
+
+def tensorboard(trainer):
+    return next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def log_now(trainer, metrics: dict, step: int) -> None:
+    """Write scalars (tensors or numbers) to every logger at ``step`` now, with one host sync."""
+    if not metrics or not trainer.loggers:
+        return
+    device = next((v.device for v in metrics.values() if isinstance(v, torch.Tensor)), None)
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
+                          for v in metrics.values()]).tolist()
+    for lg in trainer.loggers:
+        lg.log_metrics(dict(zip(metrics, values)), step=step)
+
+
 class RouterMonitor(L.Callback):
     def __init__(self, log_every_n_steps: int = 10, heatmap_every_n_steps: int = 100) -> None:
         """Routing and smk metrics.
 
         Args:
-            log_every_n_steps: Log scalars every n training steps.
-            heatmap_every_n_steps: Log histograms, domain NMI and expert × domain heatmaps every n steps
-                (accumulated over the steps in between).
+            log_every_n_steps: Log scalars every n optimizer steps.
+            heatmap_every_n_steps: Log histograms, domain NMI and expert × domain heatmaps every n optimizer
+                steps (accumulated over the steps in between).
         """
         self.log_every = log_every_n_steps
         self.heatmap_every = heatmap_every_n_steps
         self._domain_counts: dict[str, np.ndarray] = {}
         self._mg_sums: dict[str, np.ndarray] = {}
+        self._load: dict[str, torch.Tensor] = {}  # per-expert routed pairs of the current optimizer step
+        self._entropy: list[torch.Tensor] = []  # mean router entropy of its micro-batches
+        self._seen: dict[str, torch.Tensor] = {}  # M_A tensor of each layer's last used statistics
+        self._stats_due = True  # a log step passed since the statistics' scalars were last logged
 
     @staticmethod
     def _domain_names(trainer) -> list[str]:
-        dm = trainer.datamodule
-        return list(getattr(dm, "domain_names", None) or ["text"])
+        return list(getattr(trainer.datamodule, "domain_names", None) or [])
+
+    def _fresh_stats(self, pl_module) -> dict:
+        """This micro-batch's statistics: the module empties ``step_stats`` on micro-batches that
+        compute none; an entry that is the same object as one used before (left over from an
+        earlier step, or from validation) is stale as well and is skipped."""
+        stats = getattr(pl_module, "step_stats", None) or {}
+        fresh = {k: v for k, v in stats.items() if self._seen.get(k) is not v[0]}
+        self._seen.update({k: v[0] for k, v in stats.items()})
+        return fresh
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._fresh_stats(pl_module)  # whatever validation left there is not a training step's
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        layers = pl_module.moe_layers
-        if not layers:
+        if not pl_module.moe_layers:
             return
+        boundary = step_boundary(pl_module)
+        # the optimizer step this micro-batch belongs to (global_step counts it once it is taken)
+        step = trainer.global_step if boundary else trainer.global_step + 1
+        fresh = self._fresh_stats(pl_module)
         names = self._domain_names(trainer)
-        domain_N = batch["domain"].reshape(-1).clamp_min(0).cpu() if "domain" in batch else None
-        self._accumulate(pl_module, names, domain_N)
+        if names and "domain" in batch:
+            self._accumulate_domains(pl_module, fresh, len(names), batch["domain"].reshape(-1).clamp_min(0).cpu())
+        if step % self.log_every == 0 or step % self.heatmap_every == 0:
+            self._accumulate_routing(pl_module)
+        if not boundary:
+            return
+        logs = {}
         if step % self.log_every == 0:
-            self._log_scalars(pl_module)
+            logs.update(self._routing_scalars())
+            self._stats_due = True
+        if self._stats_due and fresh:
+            logs.update(self._stats_scalars(pl_module, fresh))
+            self._stats_due = False
+        log_now(trainer, logs, step)
         if step % self.heatmap_every == 0:
-            self._log_figures(trainer, pl_module, names)
+            self._log_figures(trainer, pl_module, names, step)
+        self._load, self._entropy = {}, []
 
-    def _accumulate(self, pl_module, names: list[str], domain_N) -> None:
+    def _accumulate_domains(self, pl_module, fresh: dict, D: int, domain_N: torch.Tensor) -> None:
         for lname, layer in pl_module.moe_layers.items():
-            if layer.last_topi_NK is None or domain_N is None:
+            if layer.last_topi_NK is None:
                 continue
-            E, D = layer.num_experts, len(names)
+            E = layer.num_experts
             top1_N = layer.last_topi_NK[:, 0].cpu()
             if len(top1_N) != len(domain_N):
                 continue
             counts = torch.bincount(top1_N * D + domain_N, minlength=E * D).view(E, D).numpy()
             self._domain_counts[lname] = self._domain_counts.get(lname, 0) + counts
-            if lname in pl_module.step_stats:
-                M_A, M_G, mask = pl_module.step_stats[lname]
+            if lname in fresh:
+                _, M_G, mask = fresh[lname]
                 mg = torch.nan_to_num(M_G.float(), nan=0.0).cpu()
                 defined = mask.float().cpu()
                 idx = domain_N.unsqueeze(1) + torch.arange(E).unsqueeze(0) * D  # [N, E] → flat E×D
@@ -88,53 +152,59 @@ class RouterMonitor(L.Callback):
                 prev = self._mg_sums.get(lname, np.zeros((2, E, D)))
                 self._mg_sums[lname] = prev + np.stack([sums.numpy(), cnts.numpy()])
 
-    def _log_scalars(self, pl_module) -> None:
-        loads, ents, dead = [], [], 0
-        per_layer: dict[str, list] = {"g_acc": [], "kl_div": [], "topk_overlap": []}
-        logs = {}
-        step_metrics = pl_module.step_metrics()
+    def _accumulate_routing(self, pl_module) -> None:
+        """Expert loads and router entropy of this micro-batch, on the device (no sync)."""
+        ents = []
         for lname, layer in pl_module.moe_layers.items():
             if layer.last_topi_NK is None:
                 continue
-            E = layer.num_experts
-            load_E = torch.bincount(layer.last_topi_NK.reshape(-1), minlength=E).float()
-            share_E = load_E / load_E.sum()
-            loads.append(share_E.max())
-            dead += int((load_E == 0).sum())
+            load_E = torch.bincount(layer.last_topi_NK.reshape(-1), minlength=layer.num_experts)
+            self._load[lname] = self._load[lname] + load_E if lname in self._load else load_E
             p = layer.last_probs_NE.float()
             ents.append(-(torch.xlogy(p, p)).sum(-1).mean())
-            for key, val in step_metrics.get(lname, {}).items():
-                logs[f"routing/{lname}/{key}"] = val
-                per_layer[key].append(val)
-            if lname in pl_module.step_stats:
-                M_A, M_G, mask = pl_module.step_stats[lname]
-                logs[f"stats/{lname}/M_A_mean"] = M_A[mask].float().mean()
-                logs[f"stats/{lname}/M_G_mean"] = M_G[mask].float().mean()
-        if loads:
-            logs["routing/load_max_share"] = torch.stack(loads).max()
-            logs["routing/entropy"] = torch.stack(ents).mean()
-            logs["routing/dead_experts"] = float(dead)
-        for key, vals in per_layer.items():
-            if vals:
-                logs[f"train/{key}"] = torch.stack(vals).nanmean()
-        pl_module.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in logs.items()},
-                           on_step=True, on_epoch=False)
+        if ents:
+            self._entropy.append(torch.stack(ents).mean())
 
-    def _log_figures(self, trainer, pl_module, names: list[str]) -> None:
-        exp = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        step = trainer.global_step
+    def _routing_scalars(self) -> dict:
+        if not self._load:
+            return {}
+        loads_LE = torch.stack([v.float() for v in self._load.values()])
+        return {"routing/load_max_share": (loads_LE / loads_LE.sum(1, keepdim=True)).max(),
+                "routing/dead_experts": (loads_LE == 0).sum(),
+                "routing/entropy": torch.stack(self._entropy).mean()}
+
+    def _stats_scalars(self, pl_module, fresh: dict) -> dict:
+        """smk metrics and statistic means of this micro-batch's (fresh) statistics."""
+        logs = {}
+        per_key: dict[str, list] = defaultdict(list)
+        metrics = pl_module.step_metrics()
+        for lname in pl_module.moe_layers:
+            if lname not in fresh:
+                continue
+            for key, val in metrics.get(lname, {}).items():
+                logs[f"train/{lname}/{key}"] = val
+                per_key[key].append(val)
+            M_A, M_G, mask = fresh[lname]
+            logs[f"stats/{lname}/M_A_mean"] = M_A[mask].float().mean()
+            logs[f"stats/{lname}/M_G_mean"] = M_G[mask].float().mean()
+        for key, vals in per_key.items():
+            logs[f"train/{key}"] = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in vals]).nanmean()
+        return logs
+
+    def _log_figures(self, trainer, pl_module, names: list[str], step: int) -> None:
+        exp = tensorboard(trainer)
         for lname, layer in pl_module.moe_layers.items():
             experts = [f"e{i}" for i in range(layer.num_experts)]
             if lname in self._domain_counts:
                 counts = self._domain_counts.pop(lname)
-                pl_module.log(f"routing/{lname}/domain_nmi", normalized_mutual_info(counts))
+                log_now(trainer, {f"routing/{lname}/domain_nmi": normalized_mutual_info(counts)}, step)
                 if exp is not None:
                     share = counts / np.maximum(counts.sum(0, keepdims=True), 1)
                     fig = heatmap(share, experts, names, f"{lname}: share of each domain's tokens per top-1 expert")
                     exp.add_figure(f"routing/{lname}/expert_domain", fig, step)
                     close(fig)
-            if exp is not None and layer.last_topi_NK is not None:
-                load = torch.bincount(layer.last_topi_NK.reshape(-1), minlength=layer.num_experts).float()
+            if exp is not None and lname in self._load:
+                load = self._load[lname].float()
                 exp.add_histogram(f"routing/{lname}/load", (load / load.sum()).cpu().numpy(), step)
             if lname in self._mg_sums:
                 sums, cnts = self._mg_sums.pop(lname)

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 DOMAINS: tuple[str, ...] = ("prose", "arithmetic", "code", "records", "copy")
+#: Text-sample prompts, one in the style of each domain (same order as DOMAINS).
+PROMPTS: tuple[str, ...] = ("the small robot", "12 + 7 =", "def add(", "name: ", "copy: a b c |")
 
 #: Bump when the generators change so cached corpora are regenerated.
 CORPUS_VERSION = 1

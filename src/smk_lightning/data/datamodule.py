@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
@@ -10,13 +11,16 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 
 from smk_lightning.errors import ConfigError, one_line
 
-from .corpus import DOMAINS, corpus_dir, write_corpus
+from .corpus import DOMAINS, PROMPTS, corpus_dir, write_corpus
+from .formats import check_file, check_first_row, infer_format
 from .loader import EpochStatefulDataLoader
 from .metrics import unigram_entropy
 from .stream import PackedTokenStream, Source
+from .summary import COUNT_MAX_CHARS, count_lines, count_user_data, fmt_count, held_out_prompts
 from .tokenizer import EOT_ID, get_or_train_tokenizer, load_tokenizer
 
 DATA_FORMATS = ("text", "json", "parquet")
@@ -41,7 +45,8 @@ class SMKDataModule(L.LightningDataModule):
     the training stream and cached), separated by ``<|endoftext|>`` (id 0) and
     packed into windows. A batch is a dict of ``[batch_size, seq_len]`` int64
     tensors: ``input_ids``, ``targets`` (``input_ids`` shifted by one) and
-    ``domain`` (index into ``domain_names`` of each target token's document).
+    ``domain`` (index into ``domain_names`` of each target token's document; only for
+    the embedded corpus, whose documents are labelled).
 
     Args:
         seq_len: Tokens per training example (context length).
@@ -59,8 +64,10 @@ class SMKDataModule(L.LightningDataModule):
             train on instead of the embedded corpus. None uses the embedded corpus.
         data_format: Format of ``data_files``: "text" (one document per line;
             lines that are not valid UTF-8 are skipped and counted), "json"
-            (JSON lines) or "parquet".
-        text_field: Field holding the document text in json/parquet/hub rows.
+            (JSON lines) or "parquet". None infers it from the file extension
+            (.jsonl/.json/.ndjson: json, .parquet/.pq: parquet, anything else: text).
+        text_field: Field holding the document text in json/parquet/hub rows
+            (plain text files have one field, "text").
         hub_dataset: Name of a Hugging Face hub dataset to stream (its "train"
             split) instead of local files; needs network access. Takes precedence
             over ``data_files``.
@@ -85,7 +92,7 @@ class SMKDataModule(L.LightningDataModule):
         vocab_size: int = 2048,
         seed: int = 1234,
         data_files: str | None = None,
-        data_format: Literal["text", "json", "parquet"] = "text",
+        data_format: Literal["text", "json", "parquet"] | None = None,
         text_field: str = "text",
         hub_dataset: str | None = None,
         val_fraction_docs: int = 50,
@@ -96,7 +103,7 @@ class SMKDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if data_format not in DATA_FORMATS:
+        if data_format is not None and data_format not in DATA_FORMATS:
             raise _one_line(
                 f"data_format={data_format!r} is not supported; use one of {', '.join(DATA_FORMATS)}."
             )
@@ -128,6 +135,12 @@ class SMKDataModule(L.LightningDataModule):
         self.data_files: list[str] | None = None
         if hub_dataset is None and data_files is not None:
             self.data_files = self._resolve_files(data_files)
+            if data_format is None:
+                self.data_format = infer_format(self.data_files)
+        self._format_inferred = data_format is None
+        self._tokenizer_origin = ""  # how the tokenizer was obtained, for the summary line
+        self._described = False
+        self._prompts: list[str] | None = None
         self._tokenizer = None
         self._tokenizer_file: str | None = None
         self._train_ds: PackedTokenStream | None = None
@@ -142,8 +155,9 @@ class SMKDataModule(L.LightningDataModule):
 
     @property
     def domain_names(self) -> list[str]:
-        """Names of the domain labels in batches: the embedded domains, or ["text"]."""
-        return list(DOMAINS) if self.embedded else ["text"]
+        """Names of the domain labels in batches: the embedded domains; empty for user text,
+        whose batches carry no ``domain`` (so no domain heatmaps or domain NMI are logged)."""
+        return list(DOMAINS) if self.embedded else []
 
     @property
     def eot_id(self) -> int:
@@ -188,11 +202,12 @@ class SMKDataModule(L.LightningDataModule):
             return Source(data_files=tuple(train_files), **kw), Source(
                 data_files=tuple(val_files), **kw
             )
+        fmt = "hub" if self.hub_dataset else self.data_format
         kw = dict(
-            format="hub" if self.hub_dataset else self.data_format,
+            format=fmt,
             data_files=tuple(self.data_files or ()),
             hub_dataset=self.hub_dataset,
-            text_field=self.text_field,
+            text_field="text" if fmt == "text" else self.text_field,  # datasets' text builder
             val_every=self.val_fraction_docs,
         )
         return Source(split="train", **kw), Source(split="val", **kw)
@@ -255,15 +270,34 @@ class SMKDataModule(L.LightningDataModule):
         self._load_tokenizer()
         self._check_blocks()
 
-    def _load_tokenizer(self) -> None:
-        if self.data_files is not None and self.data_format == "text" and not self.hub_dataset:
+    def _check_user_data(self, train_src: Source) -> None:
+        """Fail in one line on files of the wrong format or rows without the text field,
+        before a tokenizer is trained on nothing."""
+        if self.hub_dataset:
+            check_first_row(train_src, f"hub_dataset {self.hub_dataset!r}")
+            return
+        for f in self.data_files:
+            check_file(f, self.data_format)
+        if self.data_format == "text":
             self._scan_text_files()
+        else:
+            check_first_row(dataclasses.replace(train_src, data_files=(self.data_files[0],)),
+                            f"data_files {self.data_files[0]!r}")
+
+    def _load_tokenizer(self) -> None:
         train_src, _ = self._sources()
+        if not self.embedded:
+            self._check_user_data(train_src)
         if self.tokenizer_path:
             self._tokenizer = load_tokenizer(self.tokenizer_path, self.vocab_size)
             self._tokenizer_file = str(self.tokenizer_path)
+            self._tokenizer_origin = f"loaded from {self.tokenizer_path}"
             return
         cache = self._tokenizer_cache()
+        self._tokenizer_origin = (
+            f"cached at {cache}" if cache.is_file()
+            else f"trained on up to {fmt_count(TOKENIZER_TRAIN_CHARS)} characters of the train split, saved to {cache}"
+        )
 
         def head_texts():
             for ex in train_src.load():
@@ -326,9 +360,12 @@ class SMKDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._prepare()
+        rank, world = self._rank_world()
+        if rank == 0 and not self._described:
+            self._described = True
+            rank_zero_info(f"data: {self.describe()}")
         if self._train_ds is not None:
             return
-        rank, world = self._rank_world()
         self._train_ds = self._make_stream("train", rank, world)
         self._val_ds = self._make_stream("val", rank, world)
 
@@ -370,3 +407,46 @@ class SMKDataModule(L.LightningDataModule):
                 )
             self._val_entropy = unigram_entropy(torch.cat(targets))
         return self._val_entropy
+
+    # ------------------------------------------------------------------ feedback
+    def describe(self) -> str:
+        """One line about the data: source, documents and tokens per split, how validation
+        is held out, and the tokenizer (counting reads at most ``COUNT_MAX_CHARS`` of user text)."""
+        self._prepare()
+        vocab = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        tokenizer = f"tokenizer: {vocab:,} tokens, {self._tokenizer_origin}"
+        if self.embedded:
+            train_src, val_src = self._sources()
+            docs = f"{count_lines(train_src.data_files):,} train / {count_lines(val_src.data_files):,} val documents"
+            return (f"embedded corpus ({len(DOMAINS)} domains: {', '.join(DOMAINS)}), {docs}; "
+                    f"{self.train_tokens:,} train tokens per epoch, {self.val_tokens:,} val tokens "
+                    f"(a separately generated split); {tokenizer}")
+        hold_out = (f"validation: one document in {self.val_fraction_docs} held out by text hash "
+                    f"(--data.val_fraction_docs)")
+        if self.hub_dataset:  # counting would download it: say what is known
+            return (f"hub dataset {self.hub_dataset!r} (field {self.text_field!r}), streamed, not counted; "
+                    f"{hold_out}; {tokenizer}")
+        names = ", ".join(Path(f).name for f in self.data_files[:3])
+        more = f" and {len(self.data_files) - 3} more" if len(self.data_files) > 3 else ""
+        how = "inferred from the extension" if self._format_inferred else "data_format"
+        field = f", field {self.text_field!r}" if self.data_format != "text" else ""
+        bad = f", {self.bad_lines} invalid lines skipped" if self.bad_lines else ""
+        where = f"{len(self.data_files)} file(s) ({names}{more}; {self.data_format}, {how}{field}{bad})"
+        train_src, _ = self._sources()
+        c = count_user_data(dataclasses.replace(train_src, split=None), self._tokenizer)
+        at_least = "" if c.complete else "at least "
+        counted = "" if c.complete else f" (counted in the first {fmt_count(COUNT_MAX_CHARS)} characters)"
+        return (f"{where}: {at_least}{c.docs['train']:,} train / {c.docs['val']:,} val documents, "
+                f"{c.tokens['train']:,} train / {c.tokens['val']:,} val tokens{counted}; {hold_out}; {tokenizer}")
+
+    def sample_prompts(self, n: int = 5) -> list[str]:
+        """Prompts for text samples: one per domain for the embedded corpus; for user text the
+        opening words of the first ``n`` held-out (validation) documents, so samples continue
+        the user's own kind of text."""
+        if self._prompts is None:
+            if self.embedded:
+                self._prompts = list(PROMPTS)
+            else:
+                _, val_src = self._sources()
+                self._prompts = held_out_prompts(val_src, n)
+        return list(self._prompts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -33,21 +34,26 @@ class EpochStatefulDataLoader(StatefulDataLoader):
         self._smk_next_epoch = 0
         self._smk_lag = consumer_lag
         self._smk_lagged_state: dict[str, Any] | None = None
+        #: Seconds the consumer has spent blocked in ``next()`` (the training loop waiting for
+        #: data); SystemMonitor logs it as ``throughput/data_wait_frac``.
+        self.wait_s = 0.0
 
     def __iter__(self):
-        it = super().__iter__()
-        if self._smk_lag == 0:
-            return it
-        return self._lagged(it)
+        return self._timed(super().__iter__())
 
-    def _lagged(self, it):
+    def _timed(self, it):
+        """Yield ``it``'s batches, adding the time spent waiting for each to ``wait_s``; with
+        ``consumer_lag`` keep the state from before the most recent batch."""
         while True:
-            before = super().state_dict()
+            before = super().state_dict() if self._smk_lag else None
+            t = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
                 self._smk_lagged_state = None
                 return
+            finally:
+                self.wait_s += time.perf_counter() - t
             self._smk_lagged_state = before
             yield batch
 

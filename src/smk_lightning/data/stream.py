@@ -38,9 +38,18 @@ class Source:
     hub_dataset: str | None = None
     text_field: str = "text"
     domain_field: str | None = None  # embedded corpus: "domain"
-    domain_names: tuple[str, ...] = ("text",)
+    domain_names: tuple[str, ...] = ()
     split: str | None = None  # None: all docs; "train"/"val": hash split of user data
     val_every: int = 50
+
+    @property
+    def labelled(self) -> bool:
+        """Documents carry a domain label (the embedded corpus); user text does not."""
+        return self.domain_field is not None
+
+    def is_val(self, text: str) -> bool:
+        """Hash split of user data: about one document in ``val_every`` is held out."""
+        return zlib.crc32(text.encode("utf-8", "replace")) % self.val_every == 0
 
     def load(self):
         import datasets
@@ -61,10 +70,8 @@ class Source:
             return None
         if self.format == "text" and ("\ufffd" in text or "\0" in text):
             return None
-        if self.split is not None:
-            is_val = zlib.crc32(text.encode("utf-8", "replace")) % self.val_every == 0
-            if is_val != (self.split == "val"):
-                return None
+        if self.split is not None and self.is_val(text) != (self.split == "val"):
+            return None
         dom = 0
         if self.domain_field is not None:
             dom = self.domain_names.index(ex[self.domain_field])
@@ -95,7 +102,8 @@ class _State:
 
 
 class PackedTokenStream(IterableDataset):
-    """Yields ``{"input_ids", "targets", "domain"}`` LongTensors of length ``seq_len``.
+    """Yields ``{"input_ids", "targets"}`` LongTensors of length ``seq_len``, plus ``"domain"``
+    (each target token's document label) when the source is labelled.
 
     Args:
         source: document source.
@@ -221,11 +229,14 @@ class PackedTokenStream(IterableDataset):
         while True:
             while len(st.tok) > T and (cap is None or st.emitted < cap):
                 ids = torch.tensor(st.tok[: T + 1], dtype=torch.long)
-                dom = torch.tensor(st.dom[1 : T + 1], dtype=torch.long)
+                ex = {"input_ids": ids[:-1], "targets": ids[1:]}
+                # user text has no labels: no made-up "domain" (monitors then skip domain figures)
+                if self.source.labelled:
+                    ex["domain"] = torch.tensor(st.dom[1 : T + 1], dtype=torch.long)
                 del st.tok[:T]
                 del st.dom[:T]
                 st.emitted += T
-                yield {"input_ids": ids[:-1], "targets": ids[1:], "domain": dom}
+                yield ex
             if cap is not None and st.emitted >= cap:
                 break
             docs = []
