@@ -10,7 +10,7 @@ from smk_lightning.report import main
 SMK_CONFIG = "model:\n  router:\n    loss: smk\n  stats:\n    scope: probe\n    engine: ghost\n"
 
 
-def _write_run(run_dir, smk: bool, final_val_loss: float) -> None:
+def _write_run(run_dir, smk: bool, final_val_loss: float, extra: dict | None = None) -> None:
     run_dir.mkdir(parents=True)
     w = SummaryWriter(log_dir=str(run_dir))
     for step in range(0, 101, 10):
@@ -27,6 +27,8 @@ def _write_run(run_dir, smk: bool, final_val_loss: float) -> None:
         w.add_scalar("val/ppl", 2.0**loss, step)
     w.add_scalar("routing/layer0/domain_nmi", 0.25, 100)
     w.add_scalar("routing/layer1/domain_nmi", 0.5, 100)
+    for tag, value in (extra or {}).items():
+        w.add_scalar(tag, value, 100)
     w.close()
     if smk:
         (run_dir / "config.yaml").write_text(SMK_CONFIG)
@@ -73,6 +75,48 @@ def test_report_names(tmp_path):
     _write_run(tmp_path / "a" / "version_0", smk=True, final_val_loss=2.5)
     main([str(tmp_path / "a"), "--names", "mine", "--out", str(tmp_path)])
     assert "mine" in _rows((tmp_path / "report.md").read_text())
+
+
+def test_report_groups_seeds_by_name(tmp_path):
+    """Runs sharing a name are one row: mean ± sample std, n, "(k of n)" for partial tags."""
+    logs = tmp_path / "runs"
+    _write_run(logs / "a" / "seed0", smk=True, final_val_loss=2.0,
+               extra={"val/g_acc_dense": 0.5, "val/kl_div": 0.25})
+    _write_run(logs / "a" / "seed1", smk=True, final_val_loss=3.0, extra={"val/kl_div": 0.75})
+    _write_run(logs / "b" / "seed0", smk=False, final_val_loss=3.5)
+    out = tmp_path / "out"
+    # one name per RUN_DIR: both seeds below runs/a are arm "a"
+    main([str(logs / "a"), str(logs / "b"), "--names", "a", "b", "--out", str(out)])
+    md = (out / "report.md").read_text()
+    rows = _rows(md)
+    assert set(rows) == {"a", "b"}
+    a, b = rows["a"], rows["b"]
+    assert a["n"] == "2" and b["n"] == "1"
+    assert a["val loss"] == "2.5 ± 0.71"  # stdev(2, 3) = 0.707
+    assert a["g_acc_dense"] == "0.5 (1 of 2)"
+    assert a["kl_div"] == "0.5 ± 0.35"
+    assert b["g_acc_dense"] == "—" and b["val loss"] == "3.5"
+    assert a["load max share"] == "0.5 ± 0" and a["domain NMI"] == "0.375 ± 0"
+    assert a["tokens/s"] == "1050 ± 0" and a["steps"] == "100"
+    assert a["router loss"] == "smk (probe/ghost)"
+    assert "`val/g_acc_dense`" in md and "sample std" in md
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    # --group without names: one row per parent dir (arm), even for a single run
+    main([str(logs), "--group", "--out", str(tmp_path / "out2")])
+    rows = _rows((tmp_path / "out2" / "report.md").read_text())
+    assert {k: r["n"] for k, r in rows.items()} == {"a": "2", "b": "1"}
+
+
+def test_names_count_mismatch(tmp_path, capsys):
+    _write_run(tmp_path / "a" / "seed0", smk=True, final_val_loss=2.0)
+    _write_run(tmp_path / "a" / "seed1", smk=True, final_val_loss=2.0)
+    _write_run(tmp_path / "b" / "seed0", smk=True, final_val_loss=2.0)
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "a"), str(tmp_path / "b"), "--names", "x", "y", "z", "w", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--names got 4 names for 3 runs in 2 RUN_DIRs" in err[0], err
 
 
 @pytest.mark.parametrize("make", [False, True])

@@ -1,11 +1,18 @@
 """``smk-report``: compare finished runs from their TensorBoard event files.
 
     smk-report lightning_logs/smk/version_3 lightning_logs/switch --out reports/ --names smk switch
+    smk-report sweep/runs/switch sweep/runs/smk_switch --names switch smk_switch --out sweep/
 
 Each RUN_DIR is a Lightning version dir (``events.out.tfevents.*``, ``config.yaml``,
 ``hparams.yaml``) or a parent of such dirs (every version dir below it with an event file
-is a run). Writes ``report.md`` (one table row per run, plus a legend) and ``report.png``
+is a run). ``--names`` gives one name per run found, or one per RUN_DIR (shared by every
+run found below it). Writes ``report.md`` (a table plus a legend) and ``report.png``
 (val/loss, train/g_acc and train/kl_div against step) into ``--out``.
+
+Runs that share a name (seeds of one arm) are grouped: one row per name with mean ± std
+and the number of runs n, in the columns of the research protocol; ``--group`` groups
+even single runs (by parent dir name when ``--names`` is not given). Otherwise each run
+gets its own row.
 """
 
 from __future__ import annotations
@@ -37,6 +44,23 @@ LEGEND = {
     "domain NMI": "mean over layers of the final `routing/<layer>/domain_nmi`",
     "tokens/s": "median of `throughput/tokens_per_s` over the run",
     "peak memory MB": "max of `memory/peak_mb`",
+}
+
+
+# grouped table (one row per arm, mean ± std over its runs): the research protocol's columns
+GROUP_LEGEND = {
+    "arm": "name shared by the runs (seeds) of one arm",
+    "n": "number of runs in the arm",
+    "router loss": LEGEND["router loss"],
+    "steps": LEGEND["steps"],
+    "val loss": "final `val/loss`",
+    "val ppl": "final `val/ppl`",
+    "g_acc_dense": "final `val/g_acc_dense` (router argmax = ΔSC argmax on rows where every expert is defined; chance 1/E)",
+    "kl_div": "final `val/kl_div`",
+    "load max share": LEGEND["load max share"],
+    "dead experts": LEGEND["dead experts"],
+    "domain NMI": LEGEND["domain NMI"] + " (embedded corpus only)",
+    "tokens/s": LEGEND["tokens/s"],
 }
 
 
@@ -105,11 +129,27 @@ def _pair(a: float | None, b: float | None) -> str:
     return _fmt(a) if b is None else f"{_fmt(a)} / {_fmt(b)}"
 
 
+def _metrics(run: dict) -> dict[str, float | None]:
+    """The protocol's numbers of one run (None where not logged)."""
+    sc = run["scalars"]
+    nmis = [v for t in sc if NMI_TAG.match(t) and (v := _final(run, t)) is not None]
+    tps = sc.get("throughput/tokens_per_s")
+    return {
+        "val loss": _final(run, "val/loss"),
+        "val ppl": _final(run, "val/ppl"),
+        "g_acc_dense": _final(run, "val/g_acc_dense"),
+        "kl_div": _final(run, "val/kl_div"),
+        "load max share": _tail_mean(run, "routing/load_max_share"),
+        "dead experts": _tail_mean(run, "routing/dead_experts"),
+        "domain NMI": statistics.fmean(nmis) if nmis else None,
+        "tokens/s": statistics.median(tps[1]) if tps and tps[1] else None,
+    }
+
+
 def table_row(name: str, run: dict) -> dict[str, str]:
     sc, cfg = run["scalars"], run["config"]
     train_steps = [s[0][-1] for t, s in sc.items() if t.startswith("train/") and s[0]]
-    nmis = [v for t in sc if NMI_TAG.match(t) and (v := _final(run, t)) is not None]
-    tps = sc.get("throughput/tokens_per_s")
+    m = _metrics(run)
     peak = sc.get("memory/peak_mb")
     router = cfg.get("router_loss") or MISSING
     if cfg.get("stats_scope") or cfg.get("stats_engine"):
@@ -118,28 +158,68 @@ def table_row(name: str, run: dict) -> dict[str, str]:
         "run": name,
         "router loss": router,
         "steps": _fmt(max(train_steps) if train_steps else None),
-        "val loss": _fmt(_final(run, "val/loss")),
-        "val ppl": _fmt(_final(run, "val/ppl")),
+        "val loss": _fmt(m["val loss"]),
+        "val ppl": _fmt(m["val ppl"]),
         "g_acc": _pair(_final(run, "train/g_acc"), _final(run, "val/g_acc")),
         "kl_div": _pair(_final(run, "train/kl_div"), _final(run, "val/kl_div")),
-        "load max share": _fmt(_tail_mean(run, "routing/load_max_share")),
-        "dead experts": _fmt(_tail_mean(run, "routing/dead_experts"), 3),
-        "domain NMI": _fmt(statistics.fmean(nmis) if nmis else None),
-        "tokens/s": _fmt(round(statistics.median(tps[1])) if tps and tps[1] else None),
+        "load max share": _fmt(m["load max share"]),
+        "dead experts": _fmt(m["dead experts"], 3),
+        "domain NMI": _fmt(m["domain NMI"]),
+        "tokens/s": _fmt(round(m["tokens/s"]) if m["tokens/s"] is not None else None),
         "peak memory MB": _fmt(round(max(peak[1])) if peak and peak[1] else None),
     }
 
 
-def markdown(rows: list[dict[str, str]]) -> str:
-    cols = list(LEGEND)
+def _mean_std(values: list[float | None], n: int, fmt=lambda x: f"{x:.4g}") -> str:
+    """Mean ± sample std over the runs that logged it; "(k of n)" when only k of n did."""
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return MISSING
+    cell = fmt(statistics.fmean(xs))
+    if len(xs) > 1:
+        std = statistics.stdev(xs)
+        cell += f" ± {fmt(std) if std >= 100 else f'{std:.2g}'}"
+    if len(xs) < n:
+        cell += f" ({len(xs)} of {n})"
+    return cell
+
+
+def group_row(name: str, runs: list[dict]) -> dict[str, str]:
+    """One table row for the runs (seeds) of one arm."""
+    per_run = [table_row(name, r) for r in runs]
+    metrics = [_metrics(r) for r in runs]
+    row = {"arm": name, "n": str(len(runs))}
+    for col in ("router loss", "steps"):  # identical across seeds unless the arm is mixed up
+        row[col] = ", ".join(dict.fromkeys(r[col] for r in per_run))
+    for col in list(GROUP_LEGEND)[4:]:
+        fmt = (lambda x: f"{x:.0f}") if col == "tokens/s" else (lambda x: f"{x:.4g}")
+        row[col] = _mean_std([m[col] for m in metrics], len(runs), fmt)
+    return row
+
+
+def markdown(rows: list[dict[str, str]], legend: dict[str, str] = LEGEND) -> str:
+    cols = list(legend)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
-    lines += ["", f"{MISSING}: not logged by this run.", ""]
-    lines += [f"- **{c}**: {what}" for c, what in LEGEND.items()]
+    lines += ["", f"{MISSING}: not logged by this run."]
+    if legend is GROUP_LEGEND:
+        lines += ["Cells are mean ± sample std over the arm's runs; \"(k of n)\": only k runs logged it."]
+    lines += [""] + [f"- **{c}**: {what}" for c, what in legend.items()]
     return "\n".join(lines) + "\n"
 
 
-def figure(runs: list[tuple[str, dict]], path: Path) -> None:
+def _curve(runs: list[dict], tag: str) -> tuple[list[int], list[float], list[float]]:
+    """Mean and std of ``tag`` over the runs, at the steps every run logged it."""
+    series = [dict(zip(*r["scalars"][tag])) for r in runs if r["scalars"].get(tag)]
+    if not series:
+        return [], [], []
+    steps = sorted(set.intersection(*(set(s) for s in series)))
+    vals = [[s[st] for s in series] for st in steps]
+    return steps, [statistics.fmean(v) for v in vals], [statistics.pstdev(v) for v in vals]
+
+
+def figure(groups: list[tuple[str, list[dict]]], path: Path) -> None:
+    """One curve per group (its mean, with a ± std band when it has several runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,10 +227,15 @@ def figure(runs: list[tuple[str, dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(PLOT_TAGS), figsize=(5 * len(PLOT_TAGS), 4))
     for ax, tag in zip(axes, PLOT_TAGS):
-        for name, run in runs:
-            s = run["scalars"].get(tag)
-            if s and s[0]:
-                ax.plot(s[0], s[1], marker="." if len(s[0]) < 30 else None, label=name)
+        for name, runs in groups:
+            steps, mean, std = _curve(runs, tag)
+            if not steps:
+                continue
+            label = name if len(runs) == 1 else f"{name} (n={len(runs)})"
+            line, = ax.plot(steps, mean, marker="." if len(steps) < 30 else None, label=label)
+            if len(runs) > 1:
+                ax.fill_between(steps, [m - d for m, d in zip(mean, std)],
+                                [m + d for m, d in zip(mean, std)], color=line.get_color(), alpha=0.2)
         ax.set_title(tag)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -169,34 +254,59 @@ def _fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+def write_report(named: list[tuple[str, Path]], out: Path, group: bool = False) -> str:
+    """Write ``out/report.md`` and ``out/report.png`` for ``(name, run dir)`` pairs; runs
+    sharing a name (or all, with ``group``) become one mean ± std row. Returns the markdown."""
+    names = list(dict.fromkeys(n for n, _ in named))
+    by_name = {n: [load_run(r) for m, r in named if m == n] for n in names}
+    groups = list(by_name.items())
+    if group or any(len(rs) > 1 for _, rs in groups):
+        md = markdown([group_row(n, rs) for n, rs in groups], GROUP_LEGEND)
+    else:
+        md = markdown([table_row(n, rs[0]) for n, rs in groups])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(md)
+    figure(groups, out / "report.png")
+    return md
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="smk-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path,
                         help="Lightning version dir (e.g. lightning_logs/smk/version_3) or a parent of several")
     parser.add_argument("--out", type=Path, default=Path("."), help="output dir (default: .)")
     parser.add_argument("--names", nargs="+", metavar="NAME",
-                        help="one display name per run found (default: parent/name of each run dir)")
+                        help="one display name per run found, or one per RUN_DIR for every run below it; "
+                             "runs sharing a name are one mean ± std row (default: parent/name of each run dir)")
+    parser.add_argument("--group", action="store_true",
+                        help="one mean ± std row per name even for single runs; without --names, runs are "
+                             "grouped by their parent dir (e.g. sweep/runs/<arm>/seed<k> by arm)")
     args = parser.parse_args(argv)
 
-    found: list[Path] = []
-    for d in args.run_dirs:
+    found: list[tuple[int, Path]] = []  # (index of the RUN_DIR it came from, run dir)
+    for i, d in enumerate(args.run_dirs):
         if not d.is_dir():
             _fail(f"{d}: no such directory; pass a Lightning run dir such as lightning_logs/smk/version_0")
         runs_here = find_runs(d)
         if not runs_here:
             _fail(f"{d}: no {EVENT_GLOB} file in it or below it; "
                          "pass a Lightning run dir such as lightning_logs/smk/version_0")
-        found += [r for r in runs_here if r not in found]
-    if args.names and len(args.names) != len(found):
-        _fail(f"--names got {len(args.names)} names for {len(found)} runs "
-                     f"({', '.join(map(str, found))}); pass one name per run")
-    names = args.names or [f"{r.parent.name}/{r.name}" for r in found]
+        found += [(i, r) for r in runs_here if r not in {f for _, f in found}]
+    if args.names and len(args.names) == len(found):
+        names = args.names
+    elif args.names and len(args.names) == len(args.run_dirs):
+        names = [args.names[i] for i, _ in found]
+    elif args.names:
+        _fail(f"--names got {len(args.names)} names for {len(found)} runs in {len(args.run_dirs)} RUN_DIRs "
+              f"({', '.join(str(r) for _, r in found)}); pass one name per run or one per RUN_DIR")
+    elif args.group:
+        names = [r.parent.name for _, r in found]
+    else:
+        names = [f"{r.parent.name}/{r.name}" for _, r in found]
 
-    runs = [(n, load_run(r)) for n, r in zip(names, found)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(markdown([table_row(n, r) for n, r in runs]))
-    figure(runs, args.out / "report.png")
-    print(f"wrote {args.out / 'report.md'} and {args.out / 'report.png'} ({len(runs)} runs)")
+    write_report(list(zip(names, (r for _, r in found))), args.out, args.group)
+    print(f"wrote {args.out / 'report.md'} and {args.out / 'report.png'} "
+          f"({len(found)} runs, {len(set(names))} rows)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""``smk-sweep``: run ``smk fit`` for every config × seed, then report mean ± std per arm.
+
+    smk-sweep configs/experiments/*.yaml --base configs/default.yaml --seeds 3 --out sweeps/embedded
+
+Each run is its own process (``python -m smk_lightning.cli fit``), one after another,
+seeded with ``--seed_everything k --model.stats.seed k`` for k = 0 … seeds-1 (the data
+and its order stay the same across seeds), logged to ``OUT/runs/<arm>/seed<k>/``. Then
+``OUT/report.md`` and ``OUT/report.png`` compare the arms (``smk-report``'s grouped mode).
+
+Resumable: a run that finished is marked done in its ``sweep.json`` and skipped; an
+interrupted one resumes from its ``checkpoints/last.ckpt``, or starts again if it has
+none. A run dir made by a different command (other configs, overrides or steps) is an
+error rather than silently reused: pick another ``--out`` or delete that dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATE = "sweep.json"  # per run: the command it was made with and whether it finished
+LOG = "fit.log"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    """One line on stderr, exit status 2 for bad input (as argparse does), no traceback."""
+    print(f"smk-sweep: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def parse_sets(sets: list[str], names: list[str]) -> dict[str, list[str]]:
+    """``[ARM:]key=value`` → ``{arm: ["--key", "value", ...]}``; without ``ARM:`` for every arm."""
+    out: dict[str, list[str]] = {n: [] for n in names}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        arm, colon, key = key.rpartition(":")
+        key = key.strip().removeprefix("--")
+        if not eq or not key:
+            _fail(f"--set {item!r}: expected key=value or ARM:key=value, e.g. trainer.max_steps=200")
+        if colon and arm not in out:
+            _fail(f"--set {item!r}: no arm named {arm!r} (arms: {', '.join(names)})")
+        for n in [arm] if colon else names:
+            out[n] += [f"--{key}", value]
+    return out
+
+
+def fit_command(configs: list[Path], seed: int, runs: Path, name: str, extra: list[str]) -> list[str]:
+    """The ``smk fit`` arguments of one run (without the interpreter and --ckpt_path)."""
+    args = ["fit"]
+    for c in configs:
+        args += ["--config", str(c)]
+    args += ["--seed_everything", str(seed), "--model.stats.seed", str(seed),
+             "--trainer.logger.init_args.save_dir", str(runs),
+             "--trainer.logger.init_args.name", name,
+             "--trainer.logger.init_args.version", f"seed{seed}",
+             # a progress bar in a log file is one line per step
+             "--trainer.enable_progress_bar", "false"]
+    return args + extra
+
+
+def plan(run_dir: Path, command: list[str]) -> str:
+    """What to do with a run dir: "skip" (finished), "resume" (interrupted, has last.ckpt),
+    "fresh" (absent, or interrupted before its first checkpoint), or "conflict" (made by a
+    different command, or not by smk-sweep: never deleted or mixed in)."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "fresh"
+    try:
+        state = json.loads((run_dir / STATE).read_text())
+    except (OSError, ValueError):
+        return "conflict"
+    if state.get("command") != command:
+        return "conflict"
+    if state.get("done"):
+        return "skip"
+    return "resume" if (run_dir / "checkpoints" / "last.ckpt").is_file() else "fresh"
+
+
+def _write_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(run_dir / STATE)  # never a half-written state after a crash
+
+
+def _last_error(log: Path) -> str:
+    lines = [x.strip() for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    errs = [x for x in lines if x.startswith("smk: error:") or "Error" in x]
+    return (errs or lines or ["(empty log)"])[-1][:300]
+
+
+def run_one(command: list[str], run_dir: Path, action: str) -> float:
+    """Run (or resume) one ``smk fit``; returns its seconds. Fails the sweep if it fails."""
+    if action == "fresh" and run_dir.exists():
+        shutil.rmtree(run_dir)  # a partial run without checkpoint: its events would mix in
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {"command": command, "done": False}
+    _write_state(run_dir, state)
+    argv = [sys.executable, "-m", "smk_lightning.cli", *command]
+    if action == "resume":
+        argv += ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+    t0 = time.perf_counter()
+    with open(run_dir / LOG, "a") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            # the child got the same Ctrl-C: give it time to save last.ckpt (subprocess.run
+            # would kill it after 0.25 s)
+            try:
+                proc.wait(timeout=300)
+            except (KeyboardInterrupt, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+            _fail(f"interrupted during {run_dir}; run the same command again to resume", 130)
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        # smk's own bad-input status stays 2; anything else is a failed run
+        _fail(f"{run_dir} failed (exit {rc}): {_last_error(run_dir / LOG)} (log: {run_dir / LOG}); "
+              "fix it and run the same command again to resume", 2 if rc == 2 else 1)
+    _write_state(run_dir, {**state, "done": True, "seconds": round(seconds, 1)})
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="smk-sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="+", metavar="CONFIG", type=Path,
+                        help="one YAML per arm (the same file may be given twice with different --set)")
+    parser.add_argument("--names", nargs="+", metavar="NAME",
+                        help="one name per CONFIG (default: each config's file name without .yaml)")
+    parser.add_argument("--base", action="append", metavar="BASE", type=Path, default=[],
+                        help="config passed before every arm's CONFIG, e.g. configs/default.yaml (repeatable)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default: 3)")
+    parser.add_argument("--out", type=Path, required=True, help="sweep dir: runs/, report.md, report.png")
+    parser.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="[ARM:]KEY=VALUE",
+                        help="pass --KEY VALUE to every run, or with ARM: to that arm's runs only")
+    parser.add_argument("--steps", type=int,
+                        help="trainer.max_steps of every run (validation runs every trainer.val_check_interval "
+                             "steps: keep that a divisor of the steps, or the last validation is not at the end)")
+    parser.error = _fail  # one line, not the usage block
+    args = parser.parse_args(argv)
+
+    names = args.names or [c.stem for c in args.configs]
+    if len(names) != len(args.configs):
+        _fail(f"--names got {len(names)} names for {len(args.configs)} configs; pass one name per CONFIG")
+    if len(set(names)) != len(names):
+        _fail(f"arm names must differ (got {' '.join(names)}); pass --names")
+    bad = [n for n in names if not NAME.match(n)]
+    if bad:
+        _fail(f"arm name {bad[0]!r} is not a plain file name; use letters, digits, '_', '-', '.'")
+    for c in [*args.base, *args.configs]:
+        if not c.is_file():
+            _fail(f"{c}: no such config file")
+    if args.seeds < 1:
+        _fail(f"--seeds={args.seeds} must be >= 1")
+    if args.steps is not None and args.steps < 1:
+        _fail(f"--steps={args.steps} must be >= 1")
+    sets = parse_sets(args.sets, names)
+
+    runs = (args.out / "runs").resolve()
+    steps = ["--trainer.max_steps", str(args.steps)] if args.steps else []
+    jobs = []  # (name, seed, command, run dir, action)
+    for name, cfg in zip(names, args.configs):
+        configs = [p.resolve() for p in [*args.base, cfg]]
+        for seed in range(args.seeds):
+            cmd = fit_command(configs, seed, runs, name, sets[name] + steps)
+            run_dir = runs / name / f"seed{seed}"
+            jobs.append((name, seed, cmd, run_dir, plan(run_dir, cmd)))
+    conflicts = [j[3] for j in jobs if j[4] == "conflict"]
+    if conflicts:
+        _fail(f"{conflicts[0]} was made by a different command (configs, --set or --steps changed) "
+              "or not by smk-sweep; use another --out or delete that run dir")
+
+    for i, (name, seed, cmd, run_dir, action) in enumerate(jobs, 1):
+        head = f"[{i}/{len(jobs)}] {name} seed {seed}:"
+        if action == "skip":
+            print(f"{head} done before, skipped", flush=True)
+            continue
+        print(f"{head} {'resuming' if action == 'resume' else 'running'} (log: {run_dir / LOG})", flush=True)
+        print(f"{head} finished in {run_one(cmd, run_dir, action):.0f} s", flush=True)
+
+    from smk_lightning.report import write_report
+
+    write_report([(j[0], j[3]) for j in jobs], args.out, group=True)
+    print(f"wrote {args.out / 'report.md'} and {args.out / 'report.png'} "
+          f"({len(names)} arms × {args.seeds} seeds)")
+
+
+if __name__ == "__main__":
+    main()
