@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from smk_lightning.model import ModelConfig, MoELayer, MoETransformer
@@ -81,3 +82,84 @@ def test_pairs_with_vanishing_weight_are_recomputed_exactly():
     ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="routed")
     torch.testing.assert_close(M_A, ref_A, rtol=1e-4, atol=0)
     torch.testing.assert_close(M_G, ref_G, rtol=1e-4, atol=0)
+
+
+# -- the whole training step under the trainer's precision (DESIGN §2, precision) ----------------
+def one_step_stats(precision: str, scope: str, engine: str):
+    """Statistics of one real training step (Lightning runs training_step under autocast)."""
+    import lightning as L
+
+    from smk_lightning.module import SMKModule
+    from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+    from tests.helpers import RandomDataModule, tiny_model
+    from tests.test_training_step import Recorder
+
+    torch.manual_seed(0)
+    module = SMKModule(model=tiny_model(d_model=32, d_ff=48), optim=OptimConfig(warmup_steps=1),
+                       stats=StatsConfig(scope=scope, engine=engine, val_batches=0, probe_fraction=0.5),
+                       router=RouterConfig(loss="smk", balance_weight=0.1))
+    rec = Recorder()
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[rec], limit_val_batches=0, accelerator="cpu",
+              precision=precision).fit(module, datamodule=RandomDataModule())
+    return rec.step_stats, module
+
+
+@pytest.mark.parametrize("engine", ["ghost", "vmap", "loop"])
+@pytest.mark.parametrize("scope", ["routed", "dense", "probe"])
+def test_bf16_mixed_training_step_matches_float32(scope, engine):
+    """bf16-mixed autocast over the whole step (model, loss, backward): the statistics come
+    out in float32 and within bf16 rounding of a float32 step (measured on this case, ghost:
+    median relative difference ≤ 0.31 %, 99th percentile ≤ 1.1 %, max 1.35 %; tolerances
+    are about 3× and 4.5× that); entries whose routing flipped under bf16 are compared only
+    where both are defined."""
+    s32, _ = one_step_stats("32-true", scope, engine)
+    s16, module = one_step_stats("bf16-mixed", scope, engine)
+    assert set(s16) == set(s32) == set(module.moe_layers)
+    for name in s32:
+        (A32, G32, m32), (A16, G16, m16) = s32[name], s16[name]
+        assert A16.dtype == G16.dtype == torch.float32
+        both = m32 & m16
+        assert both.sum() >= 0.9 * m32.sum()
+        assert torch.isfinite(A16[m16]).all() and torch.isfinite(G16[m16]).all()
+        for a, b in ((A16, A32), (G16, G32)):
+            rel = ((a[both] - b[both]).abs() / b[both].abs())
+            assert rel.median() < 0.01, (name, rel.median())
+            assert torch.quantile(rel, 0.99) < 0.05, (name, torch.quantile(rel, 0.99))
+
+
+def test_loss_scale_is_divided_out():
+    """16-mixed: the hooks see ḡ × the GradScaler's scale; StatsCapture divides it out, so
+    the statistics equal those of an unscaled backward (CPU has no fp16 autocast in
+    Lightning, so the scale is applied by hand here, exactly as the precision plugin does)."""
+    from smk_lightning.stats import StatsCapture
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, 4, 2).double()
+    x, g = torch.randn(32, 16, dtype=torch.float64), torch.randn(32, 16, dtype=torch.float64)
+    results = []
+    for scale in (1.0, 2.0**12):
+        with StatsCapture({"l": layer}) as cap:
+            (layer(x) * g).sum().mul(scale / 8).backward()  # loss / accum × loss scale
+            cap.set_grad_scale(torch.tensor(1.0, dtype=torch.float64), accum=8, loss_scale=torch.tensor(scale))
+            results.append(cap.stats(ENGINES["ghost"], "dense", None, lambda i: None)["l"])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="dense")
+    torch.testing.assert_close(results[1][0], ref_A, rtol=1e-9, atol=0)
+    torch.testing.assert_close(results[1][1], ref_G, rtol=1e-9, atol=0)
+
+
+def test_a_pruned_backward_is_caught():
+    """A backward that does not reach u/v (autograd.grad to w2 only) leaves hooks unfired:
+    the capture says so instead of returning wrong M_G (slots start as NaN)."""
+    from smk_lightning.stats import StatsCapture
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 4, 2)
+    x = torch.randn(16, 8)
+    with StatsCapture({"l": layer}) as cap:
+        torch.autograd.grad(layer(x).square().sum(), [layer.w2])
+        with pytest.raises(RuntimeError, match="gusq_P"):
+            cap.check()
+        assert torch.isnan(layer.capture.gusq_P).all()

@@ -88,7 +88,7 @@ class SMKTargets:
     rows_N: Tensor  # rows with ≥ 2 defined experts
     dense_N: Tensor  # rows where every expert is defined
     hard_N: Tensor  # argmax_{D_t} ΔSC (valid on rows_N)
-    q_NE: Tensor  # target distribution Q (soft or balanced), zero outside D_t
+    q_NE: Tensor  # target distribution Q (soft or balanced), zero outside D_t (uniform on rows with no D_t)
     dsc_NE: Tensor  # ΔSC, -inf outside D_t
 
 
@@ -137,8 +137,8 @@ def smk_loss(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft", "
              all_reduce: AllReduce = _no_reduce) -> Tensor:
     """Mean over the valid rows of the global batch of this rank's share: summed over the
     ranks it is the global mean (0 with gradient 0 when no row is valid)."""
-    count = all_reduce(t.rows_N.sum().to(logits_NE.dtype)).clamp_min(1.0)
-    return smk_loss_sum(logits_NE, t, target) / count
+    total = smk_loss_sum(logits_NE, t, target)  # float32 or wider: counts stay exact
+    return total / all_reduce(t.rows_N.sum().to(total.dtype)).clamp_min(1.0)
 
 
 def _masked_mean(vals_N: Tensor, rows_N: Tensor) -> Tensor:

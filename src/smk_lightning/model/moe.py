@@ -153,7 +153,7 @@ class MoELayer(nn.Module):
         self.last_topi_NK: Tensor | None = None
         # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias on the scores for the top-k
         # choice only; a buffer, so it is checkpointed. None unless ``enable_score_bias()``.
-        self.score_bias_E: Tensor | None = None
+        self.register_buffer("score_bias_E", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
