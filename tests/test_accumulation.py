@@ -48,3 +48,46 @@ def test_micro_batch_stats_use_the_micro_batch_sum_loss():
         sA, sG, _ = rec.step_stats[name]
         torch.testing.assert_close(sA, M_A, rtol=1e-9, atol=0)
         torch.testing.assert_close(sG, M_G, rtol=1e-9, atol=0)
+
+
+class StopAtMicroBatch(L.Callback):
+    """Stops the fit after ``n`` micro-batches — mid-way through an accumulation cycle."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += 1
+        if self.seen >= self.n:
+            trainer.should_stop = True
+
+
+def test_resume_mid_accumulation_cycle_is_exact(tmp_path, monkeypatch):
+    """4 optimizer steps of 2 micro-batches straight vs stopped after 5 micro-batches (the
+    checkpoint holds the half-accumulated gradient) and resumed: the same final weights."""
+    import json
+
+    from smk_lightning.cli import main
+    from tests.test_resume import SMOKE
+
+    monkeypatch.chdir(tmp_path)
+
+    def fit(name, *extra):
+        main(["fit", "--config", SMOKE, "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "4",
+              "--model.optim.accumulate_grad_batches", "2", "--trainer.limit_val_batches", "0",
+              "--samples.every_n_steps", "0", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--trainer.logger.init_args.name", name,
+              *extra])
+        return tmp_path / "logs" / name / "version_0" / "checkpoints" / "last.ckpt"
+
+    full = fit("full")
+    stop = json.dumps([{"class_path": f"{__name__}.StopAtMicroBatch", "init_args": {"n": 5}}])
+    half = fit("first", "--trainer.callbacks", stop)
+    ck = torch.load(half, map_location="cpu", weights_only=True)
+    assert ck["global_step"] == 2 and ck["smk_state"]["micro"] == 1 and ck["smk_state"]["grads"]
+    resumed = fit("second", "--ckpt_path", str(half))
+    a = torch.load(full, map_location="cpu", weights_only=True)
+    b = torch.load(resumed, map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)

@@ -124,3 +124,24 @@ def test_routed_top1_warns():
         trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
         trainer.fit(module, datamodule=RandomDataModule())
+
+
+def test_step_stats_are_fresh_or_absent():
+    """stats.every_n_steps=2: the callbacks see statistics on steps 0 and 2 only (never a
+    previous step's or a validation batch's), and step_boundary on every step (accum 1)."""
+
+    class Seen(L.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append((bool(pl_module.step_stats), bool(pl_module.step_metrics()), pl_module.step_boundary))
+
+    torch.manual_seed(0)
+    module = SMKModule(model=tiny_model(), stats=StatsConfig(every_n_steps=2, val_batches=1),
+                       router=RouterConfig(loss="smk"))
+    seen = Seen()
+    L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[seen], val_check_interval=1, limit_val_batches=1,
+              accelerator="cpu").fit(module, datamodule=RandomDataModule())
+    assert seen.seen == [(True, True, True), (False, False, True), (True, True, True), (False, False, True)]

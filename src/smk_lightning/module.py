@@ -115,6 +115,7 @@ class SMKModule(L.LightningModule):
         self._micro = 0  # micro-batch index within the current gradient-accumulation step
         self._finite: Tensor | None = None  # every micro-batch loss of the current step was finite
         self._load_LE: Tensor | None = None  # aux-free: expert loads of the current step, per layer
+        self._restored_grads: dict[str, Tensor] | None = None  # see on_load_checkpoint
         if self.router_cfg.loss == "smk" and not self.stats_cfg.enabled:
             raise ConfigError("router.loss=smk needs stats.enabled=true; enable stats or use router.loss=switch")
 
@@ -220,6 +221,8 @@ class SMKModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
+        if self._restored_grads is not None:
+            self._restore_partial_step()
         accum = self.optim_cfg.accumulate_grad_batches
         first, last = self._micro == 0, self._micro == accum - 1
         stats_now = (self.stats_cfg.enabled and bool(self.moe_layers)
@@ -359,11 +362,20 @@ class SMKModule(L.LightningModule):
         self._consecutive_skips = state["consecutive_skips"]
         self._micro = state.get("micro", 0)
         if self._micro:
-            self._finite = state["finite"].to(self.device)
-            params = dict(self.named_parameters())
-            for n, g in state["grads"].items():
-                params[n].grad = g.to(params[n].device, params[n].dtype)
-            self._load_LE = state["load"].to(self.device) if "load" in state else None
+            self._finite = state["finite"]
+            self._load_LE = state.get("load")
+            # Applied by the next training_step: the trainer's restore order would drop .grad set here.
+            self._restored_grads = state["grads"]
+
+    def _restore_partial_step(self) -> None:
+        """After a mid-accumulation resume: put back what the first micro-batches accumulated."""
+        grads, self._restored_grads = self._restored_grads, None
+        params = dict(self.named_parameters())
+        for n, g in grads.items():
+            params[n].grad = g.to(params[n].device, params[n].dtype)
+        self._finite = self._finite.to(self.device)
+        if self._load_LE is not None:
+            self._load_LE = self._load_LE.to(self.device)
 
     # -- validation ----------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -377,21 +389,27 @@ class SMKModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", self.val_ppl)
 
-    def _val_stats(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """val/g_acc, val/kl_div, …: a forward + backward under enable_grad whose gradients go
-        to ``torch.autograd.grad`` (never to ``.grad``), with respect to every expert weight
-        of every MoE layer (a subset would prune some layers' hooks); its own probe stream.
-        No parameter, optimizer or training state changes."""
+    def val_stats(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[dict, dict]:
+        """(statistics, targets) per MoE layer of a validation batch: a forward + backward under
+        enable_grad whose gradients go to ``torch.autograd.grad`` (never to ``.grad``), with
+        respect to every expert weight of every MoE layer (a subset would prune some layers'
+        hooks); its own probe stream. No parameter, optimizer or training state changes."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("validation statistics need a backward: run the Trainer with inference_mode=False")
         experts = [w for layer in self.moe_layers.values() for w in (layer.w1, layer.w2, layer.w3) if w is not None]
-        with StatsCapture(self.moe_layers) as capture, torch.enable_grad():
-            loss = self.lm_loss(self.model(batch["input_ids"]), batch["targets"])
-            torch.autograd.grad(loss, experts)
-            capture.set_grad_scale((batch["targets"] != -1).sum())
-            _, targets, _ = self._stats_and_targets(capture, VAL_STREAM, batch_idx, 0)
-        for layer in self.moe_layers.values():
-            layer.release_graph()
+        try:
+            with StatsCapture(self.moe_layers) as capture, torch.enable_grad():
+                loss = self.lm_loss(self.model(batch["input_ids"]), batch["targets"])
+                torch.autograd.grad(loss, experts)
+                capture.set_grad_scale((batch["targets"] != -1).sum())
+                stats, targets, _ = self._stats_and_targets(capture, VAL_STREAM, batch_idx, 0)
+        finally:
+            for layer in self.moe_layers.values():
+                layer.release_graph()
+        return stats, targets
+
+    def _val_stats(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, targets = self.val_stats(batch, batch_idx)
         metrics_by_layer = {name: smk_metrics(*args) for name, args in targets.items()}
         for name, metrics in metrics_by_layer.items():
             for key in METRIC_KEYS:
