@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smk_lightning.cli import _load_state_dict_message, main
+from smk_lightning.cli import main
+from smk_lightning.cli_checkpoint import load_state_dict_message
 from smk_lightning.errors import ConfigError
 
 SMOKE = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
@@ -237,13 +238,13 @@ def test_load_state_dict_error_is_reformatted():
     small, big = torch.nn.Linear(4, 3), torch.nn.Linear(4, 5)
     with pytest.raises(RuntimeError) as e:
         big.load_state_dict(small.state_dict())
-    msg = _load_state_dict_message(e.value)
+    msg = load_state_dict_message(e.value)
     assert msg and "weight has shape (3, 4) in the checkpoint but (5, 4) in the config" in msg
     assert "1 more parameters differ" in msg and "\n" not in msg
     with pytest.raises(RuntimeError) as e:
         torch.nn.Sequential(small, small).load_state_dict(torch.nn.Sequential(small).state_dict())
-    assert "missing parameter 1.weight" in _load_state_dict_message(e.value)
-    assert _load_state_dict_message(RuntimeError("CUDA out of memory")) is None
+    assert "missing parameter 1.weight" in load_state_dict_message(e.value)
+    assert load_state_dict_message(RuntimeError("CUDA out of memory")) is None
 
 
 def test_missing_checkpoint(here, capsys):
@@ -251,3 +252,77 @@ def test_missing_checkpoint(here, capsys):
     assert "nope.ckpt" in msg and "does not exist" in msg
     msg = fails(here, capsys, "--ckpt_path", str(here / "nope.ckpt"))
     assert "nope.ckpt" in msg
+
+
+class Evil:
+    """Stands for any pickled object (code runs when it is unpickled)."""
+
+
+def test_checkpoint_with_pickled_code_is_refused(trained, here, capsys):
+    root, ckpt, _ = trained
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state["extra"] = Evil()
+    bad = here / "pickled.ckpt"
+    torch.save(state, bad)
+    for sub in ("validate", "fit"):
+        msg = fails(here, capsys, "--ckpt_path", str(bad), subcommand=sub)
+        assert str(bad) in msg and "Evil" in msg and "weights_only" in msg
+
+
+def test_truncated_checkpoint_is_refused(trained, here, capsys):
+    _, ckpt, _ = trained
+    cut = here / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:5000])
+    msg = fails(here, capsys, "--ckpt_path", str(cut), subcommand="validate")
+    assert str(cut) in msg and "not a readable checkpoint" in msg
+
+
+def test_resume_last_without_any_checkpoint(here, capsys):
+    msg = fails(here, capsys, "--ckpt_path", "last")
+    assert "no last.ckpt" in msg and "lightning_logs/smk/*/checkpoints/last.ckpt" in msg and "drop --ckpt_path" in msg
+
+
+# -- 11. options --help offers that the project cannot honour -----------------------------------
+@pytest.mark.parametrize("args", [["--optimizer", "AdamW"], ["--lr_scheduler", "StepLR"],
+                                  ["--optimizer.lr", "0.1"]])
+def test_optimizer_options_do_not_exist(here, capsys, args):
+    msg = fails(here, capsys, *args)
+    assert args[0] in msg and "--model.optim" in msg
+
+
+def test_gradient_clip_by_value_is_refused(here, capsys):
+    msg = fails(here, capsys, "--trainer.gradient_clip_algorithm", "value")
+    assert "gradient_clip_algorithm=value" in msg and "--model.optim.grad_clip" in msg
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2", "xla"])
+def test_sharded_strategies_are_refused(here, capsys, strategy):
+    msg = fails(here, capsys, "--trainer.strategy", strategy)
+    assert f"strategy={strategy}" in msg and "--trainer.strategy ddp" in msg
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "transformer-engine", "transformer-engine-float16"])
+def test_unsupported_precisions_are_refused(here, capsys, precision):
+    msg = fails(here, capsys, "--trainer.precision", precision)
+    assert f"precision={precision}" in msg and "bf16-mixed" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="16-mixed is supported on a CUDA GPU")
+def test_fp16_mixed_needs_a_gpu(here, capsys):
+    msg = fails(here, capsys, "--trainer.precision", "16-mixed")
+    assert "CUDA" in msg and "bf16-mixed" in msg
+    msg = fails(here, capsys, "--trainer.accelerator", "gpu")
+    assert "accelerator=gpu" in msg and "cpu" in msg
+
+
+def test_trainer_clip_and_accumulation_map_to_model_optim(here, capsys):
+    with pytest.warns(UserWarning, match="applied as model.optim.grad_clip"):
+        main(["fit", "--config", SMOKE, "--data.cache_dir", str(here / "cache"), *SHORT,
+              "--trainer.gradient_clip_val", "0.5", "--trainer.gradient_clip_algorithm", "norm",
+              "--trainer.accumulate_grad_batches", "2"])
+    assert "Traceback" not in capsys.readouterr().err
+    ck = torch.load(here / "lightning_logs" / "smk" / "version_0" / "checkpoints" / "last.ckpt",
+                    map_location="cpu", weights_only=True)
+    assert ck["global_step"] == 2
+    assert ck["hyper_parameters"]["optim"]["grad_clip"] == 0.5
+    assert ck["hyper_parameters"]["optim"]["accumulate_grad_batches"] == 2

@@ -1,36 +1,67 @@
 """``smk``: LightningCLI for SMKModule + SMKDataModule.
 
     smk fit --config configs/default.yaml
+    smk fit --config configs/default.yaml --ckpt_path last        # resume the newest run, in its directory
     smk validate --config configs/smoke.yaml --ckpt_path lightning_logs/.../last.ckpt
 
 Defaults live in the config dataclasses and callback signatures; this file only wires
-them: the TensorBoard logger under ``lightning_logs/``, ``last.ckpt`` checkpoints, the
-monitors, and the ``data.vocab_size → model.model.vocab_size`` link.
+them: the TensorBoard logger under ``lightning_logs/``, periodic atomic ``last.ckpt``
+checkpoints, the monitors, the console display, and the ``data.vocab_size →
+model.model.vocab_size`` link. Bad settings are refused before anything runs (see
+``cli_checkpoint`` for ``--ckpt_path``, ``cli_trainer_options`` for trainer options).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from smk_lightning.callbacks import GracefulInterrupt, RouterMonitor, SystemMonitor, TextSampler
+from smk_lightning.callbacks import (
+    GracefulInterrupt,
+    ParamSummary,
+    PeriodicCheckpoint,
+    ProgressLines,
+    PurgeAfterResume,
+    RouterMonitor,
+    StepProgressBar,
+    SystemMonitor,
+    TextSampler,
+    ValidateLastStep,
+)
+from smk_lightning.cli_checkpoint import (
+    SPECIAL_CKPT,
+    checkpoint_mismatch,
+    load_checkpoint,
+    load_state_dict_message,
+    logger_args,
+    resolve_last,
+    run_version_of,
+)
+from smk_lightning.cli_trainer_options import (
+    check_accelerator,
+    check_precision,
+    check_strategy,
+    map_optim_options,
+)
 from smk_lightning.data import SMKDataModule
 from smk_lightning.errors import ConfigError, one_line
 from smk_lightning.module import NonFiniteTrainingError, SMKModule
 
 TRAINER_DEFAULTS = {
     "logger": {
-        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "lightning_logs", "name": "smk"},
+        "class_path": "smk_lightning.loggers.TensorBoardLogger",  # Lightning's, without the flat `epoch` curve
+        "init_args": {"save_dir": "lightning_logs", "name": "smk", "default_hp_metric": False},
     },
     "inference_mode": False,  # validation statistics need a backward pass
     "max_steps": 1200,
@@ -44,13 +75,14 @@ TRAINER_DEFAULTS = {
 class SMKCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.model.vocab_size")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.save_on_exception": True})
         parser.add_lightning_class_args(RouterMonitor, "router_monitor")
         parser.add_lightning_class_args(SystemMonitor, "system_monitor")
         parser.add_lightning_class_args(TextSampler, "samples")
         parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
+        parser.add_lightning_class_args(ProgressLines, "console")
 
     # -- bad input fails before anything runs (main prints ConfigError / ArgumentError as one line)
     def init_parser(self, **kwargs):
@@ -61,13 +93,29 @@ class SMKCLI(LightningCLI):
         super().parse_arguments(parser, args)
         cfg = _subconfig(self.config)
         ckpt = cfg.get("ckpt_path") if cfg is not self.config else None
-        if ckpt and ckpt not in _SPECIAL_CKPT and "://" not in str(ckpt) and not os.path.isfile(ckpt):
-            raise ConfigError(
-                f"ckpt_path {str(ckpt)!r} does not exist; pass an existing checkpoint file "
-                "(e.g. lightning_logs/smk/version_0/checkpoints/last.ckpt)"
-            )
+        if ckpt == "last":
+            ckpt = str(resolve_last(cfg))
+            cfg.ckpt_path = ckpt  # Lightning would look in the new, empty run directory
+        if ckpt and ckpt not in SPECIAL_CKPT and "://" not in str(ckpt):
+            if not os.path.isfile(ckpt):
+                raise ConfigError(
+                    f"ckpt_path {str(ckpt)!r} does not exist; pass an existing checkpoint file "
+                    "(e.g. lightning_logs/smk/version_0/checkpoints/last.ckpt) or --ckpt_path last"
+                )
+            load_checkpoint(ckpt)  # refuses pickled code / unreadable files in one line
+            if self.config.get("subcommand") == "fit":
+                self._continue_run(cfg, Path(ckpt))
         # Lightning replaces the model settings by the checkpoint's hyper-parameters right after this.
         self._model_before_ckpt = _flat(cfg.get("model")) if ckpt else None
+
+    @staticmethod
+    def _continue_run(cfg, ckpt: Path) -> None:
+        """A fit from a checkpoint of a run in this logger's tree logs into that run's directory
+        (one event directory, steps continuing; see ``PurgeAfterResume``)."""
+        init = logger_args(cfg.trainer)
+        version = run_version_of(ckpt, cfg)
+        if init is not None and version is not None and init.get("version") is None:
+            init.version = version
 
     def before_instantiate_classes(self) -> None:
         cfg = _subconfig(self.config)
@@ -87,11 +135,34 @@ class SMKCLI(LightningCLI):
                 f"data.seq_len={seq_len} exceeds model.model.max_seq_len={max_seq_len}; "
                 "raise --model.model.max_seq_len or lower --data.seq_len"
             )
+        map_optim_options(cfg)
+        check_strategy(cfg.trainer.get("strategy"))
+        check_accelerator(cfg.trainer.get("accelerator"))
+        check_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+
+    def instantiate_trainer(self, **kwargs):
+        """Adds the console display: a step progress bar on a terminal, plain lines otherwise
+        (``ProgressLines`` prints only when no bar is shown); a one-line model summary; the
+        validation of the final step; clean TensorBoard curves after a resume."""
+        trainer_cfg = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        extra = [ValidateLastStep(), PurgeAfterResume()]
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar)
+                                                                            for c in callbacks):
+            if sys.stdout.isatty():
+                extra.append(StepProgressBar())
+            else:
+                kwargs.setdefault("enable_progress_bar", False)  # redraws would fill a log file
+        if trainer_cfg.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary)
+                                                                             for c in callbacks):
+            extra.append(ParamSummary())
+        kwargs.setdefault("callbacks", callbacks + extra)
+        return super().instantiate_trainer(**kwargs)
 
     def _check_checkpoint(self) -> None:
         ckpt = self.config[self.subcommand].get("ckpt_path")
         if ckpt and os.path.isfile(ckpt):
-            msg = _checkpoint_mismatch(ckpt, self.model)
+            msg = checkpoint_mismatch(ckpt, self.model)
             if msg:
                 raise ConfigError(msg)
 
@@ -106,9 +177,6 @@ class SMKCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_checkpoint()
-
-
-_SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 
 
 def _subconfig(config):
@@ -130,65 +198,7 @@ def _flat(ns, prefix: str = "") -> dict:
     return out
 
 
-def _config_hint(ckpt: str) -> str:
-    cfg = Path(ckpt).resolve().parent.parent / "config.yaml"
-    where = f"--config {cfg}" if cfg.is_file() else "the config.yaml saved in the checkpoint's run directory"
-    return f"use the config the checkpoint was trained with ({where})"
-
-
-def _shape(t) -> str:
-    return "(" + ", ".join(str(int(d)) for d in t) + ")"
-
-
-def _checkpoint_mismatch(ckpt: str, model) -> str | None:
-    """One-line description of how the checkpoint's weights differ from ``model``, or None."""
-    import torch
-
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
-    except Exception:  # unreadable here: leave it to Lightning (main reformats its size mismatch)
-        return None
-    own = model.state_dict()
-    diff = [(k, v.shape, own[k].shape) for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if diff:
-        k, theirs, ours = diff[0]
-        more = f" ({len(diff) - 1} more parameters differ)" if len(diff) > 1 else ""
-        return (f"checkpoint {ckpt!r} does not match the model config: {k} has shape {_shape(theirs)} in the "
-                f"checkpoint but {_shape(ours)} in the config{more}; {_config_hint(ckpt)}")
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"lacks {len(missing)} parameters of the configured model (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"has {len(unexpected)} parameters the configured model lacks (e.g. {unexpected[0]})")
-        return f"checkpoint {ckpt!r} does not match the model config: it {' and '.join(parts)}; {_config_hint(ckpt)}"
-    return None
-
-
-_SIZE_MISMATCH = re.compile(
-    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from checkpoint, "
-    r"the shape in current model is torch\.Size\(\[([^\]]*)\]\)"
-)
-_KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: \"([^\"]+)\"")
-
-
-def _load_state_dict_message(err: RuntimeError) -> str | None:
-    """One line for a state-dict mismatch raised while loading a checkpoint, else None."""
-    text = str(err)
-    hint = "use the config the checkpoint was trained with (the config.yaml in its run directory)"
-    m = _SIZE_MISMATCH.search(text)
-    if m:
-        n = len(_SIZE_MISMATCH.findall(text))
-        more = f" ({n - 1} more parameters differ)" if n > 1 else ""
-        return (f"the checkpoint does not match the model config: {m.group(1)} has shape ({m.group(2)}) in the "
-                f"checkpoint but ({m.group(3)}) in the config{more}; {hint}")
-    m = _KEYS.search(text)
-    if m:
-        return (f"the checkpoint does not match the model config: {m.group(1).lower()} parameter {m.group(2)}; "
-                f"{hint}")
-    return None
+_NO_OPTIMIZER_OPTION = re.compile(r"(^|[\s'\"-])(optimizer|lr_scheduler)\b")
 
 
 def _parse_error_message(err: ArgumentError, args) -> str:
@@ -197,6 +207,9 @@ def _parse_error_message(err: ArgumentError, args) -> str:
     msg = re.sub(r"Expected a typing\.Literal\[(.*?)\]", r"Expected one of \1", msg)
     if len(msg) > 400:
         msg = msg[:400] + " ..."
+    if _NO_OPTIMIZER_OPTION.search(msg):
+        msg += ("; smk has no --optimizer / --lr_scheduler: the module's AdamW with warmup + cosine decay is set "
+                "by --model.optim.* (lr, router_lr, weight_decay, betas, warmup_steps, min_lr_ratio)")
     sub = next((a for a in args or () if a in SMKCLI.subcommands()), None)
     return f"{msg} (see: smk {sub} --help)" if sub else f"{msg} (see: smk --help)"
 
@@ -204,6 +217,26 @@ def _parse_error_message(err: ArgumentError, args) -> str:
 def _error_exit(message: str) -> None:
     sys.stderr.write(f"smk: error: {one_line(message)}\n")
     sys.exit(2)
+
+
+class _DropNoise(logging.Filter):
+    """Lightning's "💡 Tip: … try installing litlogger / litmodels" advertisements, and its note
+    that our one-line model summary replaces its table."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("💡 Tip", "Trainer already configured with model summary"))
+
+
+def quiet_third_party() -> None:
+    """Every run printed deprecation warnings of torch / torchdata / Lightning internals and
+    Lightning's advertisements; none is actionable by an smk user. Our own warnings stay."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"^(?!smk_lightning)")
+    warnings.filterwarnings("ignore", message=r".*\bis deprecated\b", category=UserWarning,
+                            module=r"^(?!smk_lightning)")
+    rank_zero_logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropNoise) for f in rank_zero_logger.filters):
+        rank_zero_logger.addFilter(_DropNoise())
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> SMKCLI:
@@ -218,6 +251,9 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> SMKCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=1234,
+        # the module builds its own AdamW + schedule (manual optimisation): a LightningCLI
+        # --optimizer / --lr_scheduler would be ignored by its training step
+        auto_configure_optimizers=False,
         args=args,
         run=run,
     )
@@ -225,6 +261,7 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> SMKCLI:
 
 def main(args: list[str] | None = None) -> None:
     """``smk``: bad settings and inputs end with one line on stderr and exit status 2."""
+    quiet_third_party()
     try:
         cli = make_cli(args)
     except SIGTERMException:
@@ -234,10 +271,12 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(143)
     except (ConfigError, NonFiniteTrainingError) as e:
         _error_exit(str(e))
+    except MisconfigurationException as e:  # Lightning refusing a trainer setting (accelerator, devices, ...)
+        _error_exit(str(e))
     except ArgumentError as e:  # jsonargparse: unknown key, wrong type, bad choice, unreadable config
         _error_exit(_parse_error_message(e, sys.argv[1:] if args is None else args))
     except RuntimeError as e:
-        msg = _load_state_dict_message(e)
+        msg = load_state_dict_message(e)
         if msg is None:
             raise
         _error_exit(msg)
