@@ -40,7 +40,7 @@ def test_piped_stdout_gets_plain_progress_lines(piped):
     lines = out.splitlines()
     train = [ln for ln in lines if re.fullmatch(r"step \d+/7 \| loss \d+\.\d{3} .*\| ETA \S+", ln)]
     assert [int(ln.split()[1].split("/")[0]) for ln in train] == [2, 4, 6, 7], out
-    assert "tok/s" in train[-1] and "val loss" in train[-1]
+    assert "tok/s" in train[-1] and "val loss" in train[-1] and "g_acc" in train[-1]
     val = [ln for ln in lines if re.match(r"step \d+/7 \| val loss \d+\.\d{3} \| val ppl", ln)]
     assert [ln.split()[1] for ln in val] == ["5/7", "7/7"], out
     assert "\r" not in out and "Epoch" not in out and "v_num" not in out  # no progress bar in a file

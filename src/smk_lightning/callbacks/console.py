@@ -32,7 +32,12 @@ _SHORT = {"train/loss": "loss", "train/smk_loss": "smk_loss", "val/loss": "val l
 
 
 def _value(trainer, key: str) -> float | None:
+    """The newest value of a metric: from ``self.log`` (callback_metrics), else the newest one
+    written to a logger that keeps it (``smk_lightning.loggers.TensorBoardLogger.latest``;
+    some monitors write straight to the loggers)."""
     v = trainer.callback_metrics.get(key)
+    if v is None:
+        v = next((lg.latest[key] for lg in trainer.loggers if key in getattr(lg, "latest", {})), None)
     return None if v is None else float(v)
 
 
