@@ -1,28 +1,51 @@
 """Every shipped YAML parses and instantiates (model, datamodule, trainer), so configs
-cannot silently rot."""
+cannot silently rot. Experiment arms (configs/experiments/) override only the router and
+are used on top of configs/default.yaml, as smk-sweep runs them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from smk_lightning.cli import make_cli
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).parents[1] / "configs"
+CONFIGS = sorted(ROOT.glob("*.yaml"))
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("data_cache")
 
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"smoke.yaml", "default.yaml", "gpu_100m.yaml"} <= names
+    assert len(EXPERIMENTS) >= 7
+
+
+def instantiate(configs: list[Path], cache: Path):
+    args = [a for c in configs for a in ("--config", str(c))]
+    return make_cli([*args, "--trainer.logger", "false", "--data.cache_dir", str(cache)], run=False)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
+def test_config_parses_and_instantiates(path, tmp_path, monkeypatch, cache):
     monkeypatch.chdir(tmp_path)
-    cli = make_cli(["--config", str(path), "--trainer.logger", "false", "--data.cache_dir", str(tmp_path)], run=False)
+    cli = instantiate([path], cache)
     assert cli.model.model_cfg.vocab_size == cli.datamodule.vocab_size  # the link works
     n_params = sum(p.numel() for p in cli.model.parameters())
     assert n_params > 0
     if path.name == "gpu_100m.yaml":
         assert 0.08e9 <= n_params <= 0.13e9, n_params
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_experiment_arm_applies_its_router_settings(path, tmp_path, monkeypatch, cache):
+    monkeypatch.chdir(tmp_path)
+    cli = instantiate([ROOT / "default.yaml", path], cache)
+    for key, value in yaml.safe_load(path.read_text())["model"]["router"].items():
+        assert getattr(cli.model.router_cfg, key) == value, key
