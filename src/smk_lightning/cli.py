@@ -32,7 +32,6 @@ from smk_lightning.callbacks import (
     ParamSummary,
     PeriodicCheckpoint,
     ProgressLines,
-    PurgeAfterResume,
     RouterMonitor,
     StepProgressBar,
     SystemMonitor,
@@ -47,6 +46,7 @@ from smk_lightning.cli_checkpoint import (
     logger_args,
     resolve_last,
     run_version_of,
+    version_dir,
 )
 from smk_lightning.cli_trainer_options import (
     check_accelerator,
@@ -102,20 +102,28 @@ class SMKCLI(LightningCLI):
                     f"ckpt_path {str(ckpt)!r} does not exist; pass an existing checkpoint file "
                     "(e.g. lightning_logs/smk/version_0/checkpoints/last.ckpt) or --ckpt_path last"
                 )
-            load_checkpoint(ckpt)  # refuses pickled code / unreadable files in one line
+            checkpoint = load_checkpoint(ckpt)  # refuses pickled code / unreadable files in one line
             if self.config.get("subcommand") == "fit":
-                self._continue_run(cfg, Path(ckpt))
+                self._continue_run(cfg, Path(ckpt), checkpoint.get("global_step"))
         # Lightning replaces the model settings by the checkpoint's hyper-parameters right after this.
         self._model_before_ckpt = _flat(cfg.get("model")) if ckpt else None
 
     @staticmethod
-    def _continue_run(cfg, ckpt: Path) -> None:
-        """A fit from a checkpoint of a run in this logger's tree logs into that run's directory
-        (one event directory, steps continuing; see ``PurgeAfterResume``)."""
+    def _continue_run(cfg, ckpt: Path, global_step: int | None) -> None:
+        """A fit from a checkpoint of a run in this logger's tree logs into that run's directory:
+        one event directory, steps continuing. TensorBoard's ``purge_step`` hides what a killed
+        process logged after the checkpoint (the logs' x-axis is the optimizer step: the module
+        logs ``step``), so no step shows two values."""
         init = logger_args(cfg.trainer)
-        version = run_version_of(ckpt, cfg)
-        if init is not None and version is not None and init.get("version") is None:
-            init.version = version
+        run = run_version_of(ckpt, cfg)
+        if init is None or run is None:
+            return
+        if init.get("version") is None:
+            init.version = run
+        if version_dir(init.version) != version_dir(run):  # an explicit other version: a new run directory
+            return
+        if isinstance(global_step, int) and "purge_step" in init and init.get("purge_step") is None:
+            init.purge_step = global_step + 1
 
     def before_instantiate_classes(self) -> None:
         cfg = _subconfig(self.config)
@@ -143,13 +151,13 @@ class SMKCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         """Adds the console display: a step progress bar on a terminal, plain lines otherwise
         (``ProgressLines`` prints only when no bar is shown); a one-line model summary; the
-        validation of the final step; clean TensorBoard curves after a resume."""
+        validation of the final step."""
         trainer_cfg = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
         callbacks = list(trainer_cfg.get("callbacks") or [])
-        extra = [ValidateLastStep(), PurgeAfterResume()]
-        if trainer_cfg.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar)
-                                                                            for c in callbacks):
-            if sys.stdout.isatty():
+        extra = [ValidateLastStep()]
+        bar = trainer_cfg.get("enable_progress_bar")  # None (default): a bar on a terminal only
+        if bar is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            if bar or sys.stdout.isatty():
                 extra.append(StepProgressBar())
             else:
                 kwargs.setdefault("enable_progress_bar", False)  # redraws would fill a log file

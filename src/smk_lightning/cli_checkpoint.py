@@ -49,7 +49,8 @@ def runs_root(cfg) -> Path | None:
     return Path(_get(init, "save_dir")) / str(name)
 
 
-def _version_dir(version) -> str:
+def version_dir(version) -> str:
+    """The run directory name of a logger version (int N → ``version_N``)."""
     return version if isinstance(version, str) else f"version_{version}"
 
 
@@ -62,7 +63,7 @@ def last_checkpoint_candidates(cfg) -> tuple[list[Path], str]:
     elif (root := runs_root(cfg)) is not None:
         version = _get(logger_args(cfg.trainer), "version")
         if version is not None:
-            pattern = [root / _version_dir(version) / "checkpoints" / "last.ckpt"]
+            pattern = [root / version_dir(version) / "checkpoints" / "last.ckpt"]
             where = str(pattern[0])
         else:
             pattern = sorted(root.glob("*/checkpoints/last.ckpt"))

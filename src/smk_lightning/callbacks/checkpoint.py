@@ -128,7 +128,8 @@ class PeriodicCheckpoint(ModelCheckpoint):
         # Lightning writes last.ckpt at the end only if nothing was ever written; after periodic
         # writes the final state must still be saved. Written again when the final validation
         # saved this step: that file's loop counters predate the last batch's bookkeeping, and
-        # Lightning would resume the logger one step early (that step logged twice).
+        # Lightning would resume its batch counter one short (it gates log_every_n_steps and is
+        # the logger's default step).
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.fast_dev_run
         stale = self._last_global_step_saved != trainer.global_step or self._saved_in_validation
         if self.save_last and fitting and trainer.global_step > 0 and stale:

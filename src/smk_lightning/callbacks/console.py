@@ -119,37 +119,35 @@ class ProgressLines(L.Callback):
             return None
         return format_duration((total - trainer.global_step) * elapsed / done)
 
+    def _fields(self, trainer, formats: dict[str, str]) -> list[str]:
+        values = {key: _value(trainer, key) for key in formats}
+        return [self._head(trainer)] + [fmt.format(v) for key, fmt in formats.items()
+                                        if (v := values[key]) is not None]
+
     def line(self, trainer) -> str:
-        parts = [self._head(trainer)]
-        for key, fmt in (("train/loss", "loss {:.3f}"), ("val/loss", "val loss {:.3f}"),
-                         ("train/g_acc", "g_acc {:.2f}"), ("throughput/tokens_per_s", "{:.0f} tok/s")):
-            v = _value(trainer, key)
-            if v is not None:
-                parts.append(fmt.format(v))
+        """``step 120/1200 | loss 2.345 | val loss 2.301 | g_acc 0.71 | 7650 tok/s | ETA 5m12s``"""
+        parts = self._fields(trainer, {"train/loss": "loss {:.3f}", "val/loss": "val loss {:.3f}",
+                                       "train/g_acc": "g_acc {:.2f}", "throughput/tokens_per_s": "{:.0f} tok/s"})
         eta = self._eta(trainer)
-        if eta is not None:
-            parts.append(f"ETA {eta}")
-        return " | ".join(parts)
+        return " | ".join(parts + ([f"ETA {eta}"] if eta is not None else []))
+
+    def val_line(self, trainer) -> str:
+        """``step 200/1200 | val loss 2.290 | val ppl 9.87 | val g_acc 0.76 | val kl_div 0.344``"""
+        return " | ".join(self._fields(trainer, {"val/loss": "val loss {:.3f}", "val/ppl": "val ppl {:.2f}",
+                                                 "val/g_acc": "val g_acc {:.2f}", "val/kl_div": "val kl_div {:.3f}"}))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if not self._active or not getattr(pl_module, "step_boundary", True) or step == self._last:
             return
-        final = trainer.max_steps and step >= trainer.max_steps
+        final = trainer.max_steps > 0 and step >= trainer.max_steps
         if step % self._n == 0 or final:
             self._last = step
             print(self.line(trainer), flush=True)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if not self._active or trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        parts = [self._head(trainer)]
-        for key, fmt in (("val/loss", "val loss {:.3f}"), ("val/ppl", "val ppl {:.2f}"),
-                         ("val/g_acc", "val g_acc {:.2f}"), ("val/kl_div", "val kl_div {:.3f}")):
-            v = _value(trainer, key)
-            if v is not None:
-                parts.append(fmt.format(v))
-        print(" | ".join(parts), flush=True)
+        if self._active and not trainer.sanity_checking and trainer.state.fn == "fit":
+            print(self.val_line(trainer), flush=True)
 
 
 class ParamSummary(ModelSummary):
