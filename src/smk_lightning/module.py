@@ -116,6 +116,7 @@ class SMKModule(L.LightningModule):
         self._finite: Tensor | None = None  # every micro-batch loss of the current step was finite
         self._load_LE: Tensor | None = None  # aux-free: expert loads of the current step, per layer
         self._restored_grads: dict[str, Tensor] | None = None  # see on_load_checkpoint
+        self._step_logs: dict[str, tuple[Tensor, int]] = {}  # train/* sums over the step's micro-batches
         if self.router_cfg.loss == "smk" and not self.stats_cfg.enabled:
             raise ConfigError("router.loss=smk needs stats.enabled=true; enable stats or use router.loss=switch")
 
@@ -259,17 +260,28 @@ class SMKModule(L.LightningModule):
         self._count_load()
         self.step_boundary = last
         self._micro = 0 if last else self._micro + 1
+        self._add_step_logs({"train/loss": loss, "train/aux_loss": aux, "train/z_loss": z}
+                            | ({"train/smk_loss": smk * world_size()} if smk is not None else {}))
         if last:
             self._optimizer_step(opt)
+            self._log_step()
+        return loss
 
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/aux_loss", aux)
-        self.log("train/z_loss", z)
-        if smk is not None:
-            self.log("train/smk_loss", smk * world_size(), prog_bar=True)
+    def _add_step_logs(self, values: dict[str, Tensor]) -> None:
+        for key, v in values.items():
+            total, n = self._step_logs.get(key, (0.0, 0))
+            self._step_logs[key] = (total + v.detach(), n + 1)
+
+    def _log_step(self) -> None:
+        """Once per optimizer step: the means over its micro-batches, on the optimizer-step
+        axis (``step`` = optimizer steps done, as the callbacks and the console count them;
+        Lightning's own batch counter would count micro-batches and shift after a resume)."""
+        logs, self._step_logs = self._step_logs, {}
+        for key, (total, n) in logs.items():
+            self.log(key, total / n, prog_bar=key in ("train/loss", "train/smk_loss"))
         self.log("train/skipped_steps", float(self.skipped_steps))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-        return loss
+        self.log("step", float(self.global_step))
 
     def _router_backward(self, loss: Tensor) -> None:
         """Add ∂loss/∂router to the routers' ``.grad`` without a DDP backward."""
@@ -388,6 +400,7 @@ class SMKModule(L.LightningModule):
         self.val_ppl.update(logits.float(), batch["targets"])
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", self.val_ppl)
+        self.log("step", float(self.global_step))  # the optimizer-step axis of the training logs
 
     def val_stats(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[dict, dict]:
         """(statistics, targets) per MoE layer of a validation batch: a forward + backward under
