@@ -58,21 +58,21 @@ def last_checkpoint_candidates(cfg) -> tuple[list[Path], str]:
     """Existing ``last.ckpt`` files that ``--ckpt_path last`` may mean, and where they were looked for."""
     dirpath = _get(cfg.checkpoint, "dirpath") if _get(cfg, "checkpoint") is not None else None
     if dirpath:
-        pattern = [Path(dirpath) / "last.ckpt"]
+        paths = [Path(dirpath) / "last.ckpt"]
         where = str(Path(dirpath) / "last.ckpt")
     elif (root := runs_root(cfg)) is not None:
         version = _get(logger_args(cfg.trainer), "version")
         if version is not None:
-            pattern = [root / version_dir(version) / "checkpoints" / "last.ckpt"]
-            where = str(pattern[0])
+            paths = [root / version_dir(version) / "checkpoints" / "last.ckpt"]
+            where = str(paths[0])
         else:
-            pattern = sorted(root.glob("*/checkpoints/last.ckpt"))
+            paths = sorted(root.glob("*/checkpoints/last.ckpt"))
             where = str(root / "*" / "checkpoints" / "last.ckpt")
     else:  # no logger: Lightning's ModelCheckpoint writes to default_root_dir/checkpoints
         base = Path(_get(cfg.trainer, "default_root_dir") or ".")
-        pattern = [base / "checkpoints" / "last.ckpt"]
-        where = str(pattern[0])
-    return [p for p in pattern if p.is_file()], where
+        paths = [base / "checkpoints" / "last.ckpt"]
+        where = str(paths[0])
+    return [p for p in paths if p.is_file()], where
 
 
 def resolve_last(cfg) -> Path:
