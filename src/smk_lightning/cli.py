@@ -60,7 +60,7 @@ from smk_lightning.module import NonFiniteTrainingError, SMKModule
 
 TRAINER_DEFAULTS = {
     "logger": {
-        "class_path": "smk_lightning.loggers.TensorBoardLogger",  # Lightning's, without the flat `epoch` curve
+        "class_path": "smk_lightning.loggers.TensorBoardLogger",  # Lightning's; keeps the newest values for the console
         "init_args": {"save_dir": "lightning_logs", "name": "smk", "default_hp_metric": False},
     },
     "inference_mode": False,  # validation statistics need a backward pass

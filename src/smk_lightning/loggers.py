@@ -1,11 +1,13 @@
-"""The TensorBoard logger of ``smk`` runs: Lightning's, without the ``epoch`` scalar.
+"""The TensorBoard logger of ``smk`` runs: Lightning's, remembering the newest value of each scalar.
 
-Lightning adds ``epoch`` to every logged step; the streamed corpus is one long pass, so
-that curve is a flat 0 and TensorBoard shows it first. (``hp_metric``, the other
-placeholder, is off through ``default_hp_metric: false`` in the CLI's defaults.)
+``latest`` is read by the console's progress lines (``callbacks/console.py``): the monitors
+write their scalars (``train/g_acc``, ...) straight to the loggers at the optimizer step,
+bypassing ``trainer.callback_metrics``.
 
-``latest`` keeps the newest value of each scalar written, for the console's progress
-lines: some monitors write straight to the loggers, bypassing ``trainer.callback_metrics``.
+It also never writes Lightning's ``epoch`` scalar, which Lightning adds to any step logged
+without a ``step`` value (the module logs one, so this is a safety net): the streamed
+corpus is one long pass, so that curve would be a flat 0 shown first. ``hp_metric``, the
+other placeholder, is off through ``default_hp_metric: false`` in the CLI's defaults.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger as _LightningTensorBoard
 
 
 class TensorBoardLogger(_LightningTensorBoardLogger):
-    """Lightning's TensorBoardLogger (same options) that does not log ``epoch``."""
+    """Lightning's TensorBoardLogger (same options); ``latest``: the newest value of each scalar."""
 
     latest: dict[str, float]
 
