@@ -91,3 +91,16 @@ def test_resume_mid_accumulation_cycle_is_exact(tmp_path, monkeypatch):
     assert a["global_step"] == b["global_step"] == 4
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_intervals_count_optimizer_steps(tmp_path, monkeypatch):
+    """Under accumulation Lightning's val_check_interval / log_every_n_steps would count
+    micro-batches; the CLI scales them so they count optimizer steps like max_steps."""
+    from smk_lightning.cli import make_cli
+    from tests.test_resume import SMOKE
+
+    monkeypatch.chdir(tmp_path)
+    cli = make_cli(["--config", SMOKE, "--trainer.logger", "false", "--data.cache_dir", str(tmp_path),
+                    "--model.optim.accumulate_grad_batches", "3", "--trainer.val_check_interval", "5",
+                    "--trainer.log_every_n_steps", "4"], run=False)
+    assert cli.trainer.val_check_interval == 15 and cli.trainer.log_every_n_steps == 12

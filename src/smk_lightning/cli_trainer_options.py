@@ -41,6 +41,18 @@ def map_optim_options(cfg) -> None:
                        "(the module accumulates itself); use --model.optim.accumulate_grad_batches")
         optim.accumulate_grad_batches = int(accum)
         trainer.accumulate_grad_batches = 1
+    _count_optimizer_steps(trainer, optim.accumulate_grad_batches)
+
+
+def _count_optimizer_steps(trainer, accum: int) -> None:
+    """Lightning counts an integer ``val_check_interval`` and ``log_every_n_steps`` in batches;
+    under the module's own accumulation a batch is a micro-batch. Both are multiplied by
+    ``accum`` so that they count optimizer steps, as ``max_steps`` and every callback do."""
+    if accum <= 1:
+        return
+    if isinstance(trainer.get("val_check_interval"), int):
+        trainer.val_check_interval *= accum
+    trainer.log_every_n_steps = (trainer.get("log_every_n_steps") or 50) * accum
 
 
 def check_strategy(strategy) -> None:

@@ -103,7 +103,9 @@ class ProgressLines(L.Callback):
         self._n = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        n = trainer.log_every_n_steps if self.every_n_steps is None else self.every_n_steps
+        # trainer.log_every_n_steps counts micro-batches under accumulation (see cli_trainer_options)
+        accum = getattr(getattr(pl_module, "optim_cfg", None), "accumulate_grad_batches", 1)
+        n = trainer.log_every_n_steps // accum if self.every_n_steps is None else self.every_n_steps
         self._n = n
         self._active = bool(n) and trainer.progress_bar_callback is None and trainer.is_global_zero
         self._t0, self._step0, self._last = time.monotonic(), trainer.global_step, trainer.global_step
