@@ -29,6 +29,18 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .tokenizer import EOT_ID
 
 
+class _DropShuffleBufferNote(logging.Filter):
+    """datasets says a resumed stream's "shuffle buffer … will be refilled": our buffer_size
+    is 1 (the packer shuffles in its own checkpointed buffer), so the note would only
+    contradict "resume is exact"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shuffle buffer" not in record.getMessage()
+
+
+logging.getLogger("datasets.iterable_dataset").addFilter(_DropShuffleBufferNote())
+
+
 @dataclass(frozen=True)
 class Source:
     """Where documents come from (picklable; the HF dataset is built lazily in each worker)."""
@@ -210,13 +222,7 @@ class PackedTokenStream(IterableDataset):
             cap = max(self.seq_len, self.token_cap // (self.world_size * nw))
         hf = self._build_hf(st.epoch)
         if st.hf is not None:
-            lg = logging.getLogger("datasets.iterable_dataset")
-            old = lg.level
-            lg.setLevel(logging.ERROR)  # buffer_size=1 "shuffle buffer" warning is moot
-            try:
-                hf.load_state_dict(st.hf)
-            finally:
-                lg.setLevel(old)
+            hf.load_state_dict(st.hf)  # datasets applies it lazily, at the first next() below
         if st.rng is not None:
             rng = _rng_from_list(st.rng)
         else:
