@@ -192,11 +192,11 @@ class SMKModule(L.LightningModule):
                                 all_reduce_sum)
                 # Router logits recomputed from the detached layer input: smk_loss reaches the
                 # router only, never the experts or the layers below.
-                x_ND = capture.layers[name].capture.x_ND
-                logits_NE = layer.router(x_ND.to(layer.router.weight.dtype))
+                cap = layer.capture
+                logits_NE = layer.router(cap.x_ND.to(layer.router.weight.dtype))
                 if rcfg.loss == "smk":
                     losses.append(smk_loss(logits_NE, t, rcfg.target, all_reduce_sum))
-                targets[name] = (logits_NE.detach(), t, layer.top_k, capture.layers[name].capture.routing.topi_NK)
+                targets[name] = (logits_NE.detach(), t, layer.top_k, cap.routing.topi_NK)
         return stats, targets, torch.stack(losses).mean() if losses else None
 
     def step_metrics(self) -> dict[str, dict[str, Tensor]]:
