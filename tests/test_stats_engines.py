@@ -296,3 +296,60 @@ def test_renormalize_off_stats():
         MA, MG = expert_token_stats(layer, x, g, engine=engine, scope="routed")
         assert_stats_close(MA, MA_ref, RTOL64, f"M_A renorm-off {engine}")
         assert_stats_close(MG, MG_ref, RTOL64, f"M_G renorm-off {engine}")
+
+
+# --------------------------------------------------------------------------- probe scope, batching
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_probe_scope_matches_oracle(engine, act):
+    """Probe scope: the routed pairs plus every expert on round(ρN) rows (the ghost engine
+    runs those rows batched over experts and the rest as pairs sorted by expert)."""
+    layer, x, g, k = random_case(_seed("probe", act), act, "2")
+    N, E = x.shape[0], layer.num_experts
+    MA, MG = expert_token_stats(layer, x, g, engine=engine, scope="probe", probe_fraction=0.3,
+                                generator=torch.Generator().manual_seed(4))
+    MA_ref, MG_ref = cached_oracle(("probe-dense", act), layer, x, g, "dense", k)
+    routed = ~torch.isnan(cached_oracle(("probe-routed", act), layer, x, g, "routed", k)[0])
+    probe_N = (~torch.isnan(MA)).all(dim=1) & ~(routed.sum(1) == E)
+    assert int(probe_N.sum()) == max(1, round(0.3 * N)), "probe rows are round(ρN)"
+    mask = routed | probe_N.unsqueeze(1)
+    nan = torch.full_like(MA_ref, float("nan"))
+    assert_stats_close(MA, torch.where(mask, MA_ref, nan), RTOL64, f"M_A probe {engine}/{act}")
+    assert_stats_close(MG, torch.where(mask, MG_ref, nan), RTOL64, f"M_G probe {engine}/{act}")
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("act", ACTS)
+def test_ghost_row_chunks_do_not_change_the_result(monkeypatch, act, scope):
+    """Dense rows run batched over experts in chunks of rows; chunks of 3 rows give the oracle's
+    numbers too."""
+    from smk_lightning.stats import ghost
+
+    layer, x, g, k = random_case(_seed("chunks", act), act, "2")
+    monkeypatch.setitem(ghost.DENSE_CHUNK_ELEMENTS, "cpu", 3 * layer.num_experts * layer.d_ff)
+    MA, MG = expert_token_stats(layer, x, g, engine="ghost", scope=scope)
+    MA_ref, MG_ref = cached_oracle(("chunks", act, scope), layer, x, g, scope, k)
+    assert_stats_close(MA, MA_ref, RTOL64, f"M_A chunks {act}/{scope}")
+    assert_stats_close(MG, MG_ref, RTOL64, f"M_G chunks {act}/{scope}")
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_ghost_pairs_float32_on_grouped_gemms(monkeypatch, act):
+    """float32 with 16-byte rows: the ghost engine's routed pairs run on grouped_mm (like the
+    layer's forward) and match the float64 oracle within 1e-4."""
+    from smk_lightning.model import moe
+
+    calls, real = [], moe._GROUPED_MM
+    monkeypatch.setattr(moe, "_GROUPED_MM", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    layer = make_layer(8, 12, 4, 2, act, seed=9, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(50):
+        x = torch.randn(30, 8, generator=gen)
+        if oracles.routing_margin(layer.router.weight, x, 2) > 1e-5:
+            break
+    g = torch.randn(30, 8, generator=gen)
+    MA, MG = expert_token_stats(layer, x, g, engine="ghost", scope="routed")
+    assert calls, "the float32 routed pairs did not run on grouped_mm"
+    MA_ref, MG_ref = oracles.oracle_stats(layer, x, g, "routed", top_k=2)
+    assert_stats_close(MA, MA_ref, RTOL32, f"M_A float32 grouped {act}")
+    assert_stats_close(MG, MG_ref, RTOL32, f"M_G float32 grouped {act}")

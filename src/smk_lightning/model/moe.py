@@ -4,9 +4,12 @@ Shape legend (used as name suffixes):
     N  tokens (batch × seq_len, flattened)     D  d_model        F  d_ff (expert hidden)
     E  experts                                 K  top_k          P  routed (token, expert) pairs = N·K
 
-Every (token, expert) pair is sorted by expert, so each expert runs one matmul on a
-contiguous slice of its tokens: the Python loop is over experts, never over tokens,
-and no expert is evaluated on a token it was not routed to.
+Every (token, expert) pair is sorted by expert, so each expert's tokens are one
+contiguous block of rows and no expert is evaluated on a token it was not routed to.
+The experts then run as grouped GEMMs (``torch.nn.functional.grouped_mm`` with per-expert
+row offsets kept on the device, torchtitan style: no host sync) or, where grouped_mm
+cannot run (float64, row widths that are not a multiple of 16 bytes, a torch without it),
+as one matmul per expert on its block (``expert_impl``, see ``resolve_expert_impl``).
 
 For the statistics engines (``smk_lightning.stats``) the layer can keep, for the
 current step only, what the closed-form ("ghost") norms need: the routing, row norms
@@ -25,7 +28,67 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smk_lightning.model.precision import acc_dtype, to_acc
+
 ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_IMPLS = ("auto", "grouped", "loop")
+# ``torch.nn.functional.grouped_mm`` in newer torch, ``torch._grouped_mm`` before that (same
+# signature). On CUDA its fast kernel is bf16 on sm90/sm100; other dtypes and GPUs go to
+# torch's own fallback, which copies the offsets to the host (a sync) and loops over groups.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm_unsupported(dtype: torch.dtype, *widths: int) -> str | None:
+    """Why grouped_mm cannot multiply expert rows of these widths in ``dtype`` (None if it can)."""
+    if _GROUPED_MM is None:
+        return f"torch {torch.__version__} has no grouped_mm"
+    if dtype not in _GROUPED_DTYPES:
+        return f"grouped_mm does not take {dtype} (float32, bfloat16 and float16 only)"
+    # The kernels (CPU and CUDA) refuse strides that are not a multiple of 16 bytes.
+    bad = [w for w in widths if w * dtype.itemsize % 16]
+    if bad:
+        return f"grouped_mm needs row widths of a multiple of 16 bytes; {bad} in {dtype} are not"
+    return None
+
+
+def resolve_expert_impl(impl: str, dtype: torch.dtype, *widths: int) -> bool:
+    """True: run the experts as grouped GEMMs; False: one matmul per expert.
+
+    ``auto`` takes grouped_mm wherever it can run (``grouped_mm_unsupported``) and the loop
+    otherwise (float64, e.g.); ``grouped`` raises where it cannot.
+    """
+    if impl == "loop":
+        return False
+    why = grouped_mm_unsupported(dtype, *widths)
+    if impl == "grouped" and why is not None:
+        raise ValueError(f"model.expert_impl='grouped' cannot run these experts: {why}; "
+                         "set model.expert_impl to 'auto' (grouped where possible, loop otherwise) or 'loop'")
+    return why is None
+
+
+@dataclass
+class ExpertGroups:
+    """How rows sorted by expert split into experts, and how ``mm`` multiplies each expert's
+    block of rows by that expert's weight: one grouped GEMM, or one matmul per expert."""
+
+    offs_E: Tensor | None  # int32 end offsets on the device (grouped)
+    sizes: list[int] | None  # rows per expert as Python ints (loop)
+
+    @classmethod
+    def of(cls, counts_E: Tensor, grouped: bool) -> ExpertGroups:
+        if grouped:
+            return cls(offs_E=counts_E.cumsum(0).to(torch.int32), sizes=None)
+        # HOST SYNC (loop path only): split() needs the per-expert sizes as Python ints.
+        return cls(offs_E=None, sizes=counts_E.tolist())
+
+    def mm(self, a_PX: Tensor, w_EXY: Tensor) -> Tensor:
+        """``[P, X] × [E, X, Y] → [P, Y]``, rows of expert e times ``w_EXY[e]``."""
+        if self.offs_E is not None:
+            return _GROUPED_MM(a_PX, w_EXY, offs=self.offs_E)
+        # unbind, not w[e]: the backward then stacks E gradients once instead of adding E
+        # full-size [E, X, Y] tensors that are zero but for one expert.
+        return torch.cat([a @ w for a, w in zip(a_PX.split(self.sizes), w_EXY.unbind(0))])
 
 
 @dataclass
@@ -34,7 +97,7 @@ class Routing:
 
     topi_NK: Tensor  # selected experts, by decreasing probability
     order_P: Tensor  # pair permutation that sorts the flattened (token, slot) pairs by expert
-    counts_E: list[int]  # tokens per expert, in sorted order
+    counts_E: Tensor  # pairs per expert (int64, on the device: reading it is a host sync)
 
 
 @dataclass
@@ -71,8 +134,7 @@ class Capture:
 
 def _store_sq(cap: Capture, attr: str, grad: Tensor) -> None:
     """Tensor hook: keep the squared row norms of a gradient, accumulated in float32+."""
-    acc = torch.promote_types(grad.dtype, torch.float32)
-    setattr(cap, attr, torch.linalg.vector_norm(grad, dim=-1, dtype=acc).square())
+    setattr(cap, attr, torch.linalg.vector_norm(grad, dim=-1, dtype=acc_dtype(grad)).square())
     cap.fired.add(attr)
 
 
@@ -89,7 +151,7 @@ def route(logits_NE: Tensor, top_k: int, renormalize: bool,
     choice only; the combine weights are the unbiased probabilities of the chosen experts.
     Returns (probs_NE, weights_NK, topi_NK); probabilities are computed in float32 at least.
     """
-    probs_NE = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32)).softmax(dim=-1)
+    probs_NE = to_acc(logits_NE).softmax(dim=-1)
     if bias_E is None:
         topw_NK, topi_NK = probs_NE.topk(top_k, dim=-1)
     else:
@@ -104,7 +166,9 @@ def sort_pairs(topi_NK: Tensor, num_experts: int) -> Routing:
     """Sort the N·K (token, slot) pairs by expert; token of sorted pair p is order_P[p] // K."""
     flat_P = topi_NK.reshape(-1)
     order_P = flat_P.argsort(stable=True)
-    counts_E = torch.bincount(flat_P, minlength=num_experts).tolist()
+    # scatter_add_, not bincount: CUDA bincount reads the input's max on the host (a sync).
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_P.device)
+    counts_E.scatter_add_(0, flat_P, torch.ones_like(flat_P))
     return Routing(topi_NK=topi_NK, order_P=order_P, counts_E=counts_E)
 
 
@@ -114,6 +178,8 @@ class MoELayer(nn.Module):
     Experts are stacked: ``w1 [E, D, F]``, ``w2 [E, F, D]`` and, for SwiGLU, ``w3 [E, D, F]``;
     expert ``e`` computes ``(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`` (GELU:
     ``gelu(x @ w1[e]) @ w2[e]``). ``router`` is ``nn.Linear(D, E, bias=False)``.
+    ``expert_impl`` picks grouped GEMMs or a per-expert loop (``resolve_expert_impl``); both
+    compute the same function and leave the same statistics capture.
     """
 
     def __init__(
@@ -124,8 +190,11 @@ class MoELayer(nn.Module):
         top_k: int,
         activation: str = "swiglu",
         renormalize: bool = True,
+        expert_impl: str = "auto",
     ) -> None:
         super().__init__()
+        if expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl={expert_impl!r} is not supported; use one of {EXPERT_IMPLS}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
         if not 1 <= top_k <= num_experts:
@@ -135,6 +204,7 @@ class MoELayer(nn.Module):
         self.d_model, self.d_ff = d_model, d_ff
         self.num_experts, self.top_k = num_experts, top_k
         self.activation, self.renormalize = activation, renormalize
+        self.expert_impl = expert_impl
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
@@ -189,18 +259,21 @@ class MoELayer(nn.Module):
 
         tok_P = routing.order_P // self.top_k
         xs_PD = x_ND[tok_P]
-        counts = routing.counts_E
-        # One matmul per expert on its contiguous slice; the activation runs once over all pairs.
-        # unbind, not w[e]: the backward then stacks E gradients once instead of adding E
-        # full-size [E, D, F] tensors that are zero but for one expert.
-        xs = xs_PD.split(counts)
-        if self.w3 is None:
-            u_PF, v_PF = torch.cat([x @ w for x, w in zip(xs, self.w1.unbind(0))]), None
-        else:  # both input projections in one matmul per expert
-            w13 = torch.cat([self.w1, self.w3], dim=2).unbind(0)
-            u_PF, v_PF = torch.cat([x @ w for x, w in zip(xs, w13)]).chunk(2, dim=1)
+        w1_EDF, w2_EFD, w3_EDF = self.w1, self.w2, self.w3
+        cdt = self._compute_dtype(xs_PD)
+        # P = 0 (an empty batch) is the loop's: grouped_mm refuses empty operands.
+        grouped = resolve_expert_impl(self.expert_impl, cdt, self.d_model, self.d_ff) and len(tok_P) > 0
+        if grouped:  # grouped_mm has no autocast rule (CPU) where the loop's x @ w has one: cast here
+            xs_PD, w1_EDF, w2_EFD = xs_PD.to(cdt), w1_EDF.to(cdt), w2_EFD.to(cdt)
+            w3_EDF = None if w3_EDF is None else w3_EDF.to(cdt)
+        groups = ExpertGroups.of(routing.counts_E, grouped)
+        # The experts' matmuls on their contiguous row blocks; the activation runs once over all pairs.
+        # Two grouped GEMMs for u and v (as torchtitan), not one on cat(w1, w3): the cat copies
+        # the weights every forward and measured slower on CPU (BENCHMARKS.md, expert path).
+        u_PF = groups.mm(xs_PD, w1_EDF)
+        v_PF = None if w3_EDF is None else groups.mm(xs_PD, w3_EDF)
         h_PF = F.gelu(u_PF) if v_PF is None else F.silu(u_PF) * v_PF
-        ys_PD = torch.cat([h @ w for h, w in zip(h_PF.split(counts), self.w2.unbind(0))])
+        ys_PD = groups.mm(h_PF, w2_EFD)
         cap = None
         if self.capture_stats and torch.is_grad_enabled():
             cap = self._capture(x_ND, weights_NK, routing, u_PF, v_PF, h_PF, ys_PD)
@@ -212,12 +285,21 @@ class MoELayer(nn.Module):
             out_ND.register_hook(partial(_store, cap, "grad_ND"))
         return out_ND.view(shape)
 
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the experts' matmuls run in: autocast's where it is on (as ``x @ w``
+        would; float64 is never autocast), else the inputs' common dtype."""
+        dt = torch.promote_types(x.dtype, self.w1.dtype)
+        dev = x.device.type
+        if dt != torch.float64 and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return dt
+
     # -- statistics capture ---------------------------------------------------------------
     def _capture(self, x_ND: Tensor, weights_NK: Tensor, routing: Routing, u_PF: Tensor, v_PF: Tensor | None,
                  h_PF: Tensor, ys_PD: Tensor) -> Capture | None:
         if self.capture is not None:  # activation-checkpoint recompute: keep the first capture
             return None
-        acc = torch.promote_types(ys_PD.dtype, torch.float32)
+        acc = acc_dtype(ys_PD)
         with torch.no_grad():
             ma_P = torch.linalg.vector_norm(ys_PD, dim=-1, dtype=acc)
             hsq_P = torch.linalg.vector_norm(h_PF, dim=-1, dtype=acc).square()

@@ -51,6 +51,11 @@ class ModelConfig:
     """Share the token embedding with the output head."""
     activation_checkpointing: bool = False
     """Recompute each block in backward to save memory (slower)."""
+    expert_impl: Literal["auto", "grouped", "loop"] = "auto"
+    """How the experts run: ``grouped`` = one grouped GEMM (torch grouped_mm) per projection
+    over all experts; ``loop`` = one matmul per expert (needs a host sync for the split sizes);
+    ``auto`` = grouped wherever grouped_mm can run (float32/bf16/fp16, row widths d_model and
+    d_ff a multiple of 16 bytes, a torch that has it), loop otherwise (float64)."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -67,6 +72,8 @@ class ModelConfig:
                 f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}; "
                 "lower top_k or add experts"
             )
+        if self.expert_impl not in ("auto", "grouped", "loop"):
+            raise ConfigError(f"model.expert_impl={self.expert_impl!r} is not supported; use auto, grouped or loop")
         if self.moe_every < 1:
             raise ConfigError(f"model.moe_every={self.moe_every} must be >= 1")
 
@@ -133,7 +140,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model)
         if use_moe:
             self.ffn = MoELayer(
-                cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.activation, cfg.renormalize
+                cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.top_k, cfg.activation, cfg.renormalize,
+                cfg.expert_impl,
             )
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_ff or cfg.top_k * cfg.d_ff, cfg.activation)

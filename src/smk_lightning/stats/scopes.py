@@ -23,23 +23,37 @@ def routed_mask(topi_NK: Tensor, num_experts: int) -> Tensor:
     return mask_NE.scatter_(1, topi_NK, True)
 
 
+def probe_count(n: int, probe_fraction: float) -> int:
+    """Probe rows of a layer with n rows: round(ρ·n), at least one (a static shape)."""
+    return max(1, round(probe_fraction * n))
+
+
+def probe_index(n: int, probe_fraction: float, generator: torch.Generator | None,
+                device: torch.device) -> Tensor:
+    """``probe_count(n, ρ)`` distinct random rows of n, as indices [R] on ``device``."""
+    perm = torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")
+    # Drawn by the (CPU) probe generator: the copy to a GPU is a host-to-device transfer.
+    return perm[: probe_count(n, probe_fraction)].to(device)
+
+
 def probe_rows(n: int, probe_fraction: float, generator: torch.Generator | None,
                device: torch.device) -> Tensor:
     """A random ``probe_fraction`` share of the n rows (at least one), as a bool mask [N]."""
-    count = max(1, round(probe_fraction * n))
-    perm = torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")
-    rows_N = torch.zeros(n, dtype=torch.bool)
-    rows_N[perm[:count].cpu()] = True
-    return rows_N.to(device)
+    rows_N = torch.zeros(n, dtype=torch.bool, device=device)
+    rows_N[probe_index(n, probe_fraction, generator, device)] = True
+    return rows_N
 
 
 def scope_mask(topi_NK: Tensor, num_experts: int, scope: str, probe_fraction: float | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-    """Defined entries [N, E]: routed pairs, every pair, or routed plus dense probe rows."""
+               generator: torch.Generator | None = None, rows_R: Tensor | None = None) -> Tensor:
+    """Defined entries [N, E]: routed pairs, every pair, or routed plus dense probe rows
+    (``rows_R``, if the caller drew them already with ``probe_index``; else drawn here)."""
     check_scope(scope, probe_fraction)
     mask_NE = routed_mask(topi_NK, num_experts)
     if scope == "dense":
         mask_NE[:] = True
     elif scope == "probe":
-        mask_NE[probe_rows(len(mask_NE), probe_fraction, generator, mask_NE.device)] = True
+        if rows_R is None:
+            rows_R = probe_index(len(mask_NE), probe_fraction, generator, mask_NE.device)
+        mask_NE[rows_R] = True
     return mask_NE
