@@ -5,7 +5,7 @@ process, as ratios to the plain step (DESIGN §5).
 
 Each variant trains ``warmup + steps`` steps of the real ``SMKModule.training_step``
 (Lightning manual optimisation) on random tokens of the config's shape; the median
-step time after warm-up is reported; variants are interleaved over ``--rounds`` so slow
+step time after warm-up is reported, with tokens/s; variants are interleaved over ``--rounds`` so slow
 drifts of a shared machine hit all of them alike. Peak memory: CUDA peak allocated on
 GPU; on CPU the peak growth of the heap in use (glibc ``mallinfo2``, sampled every 2 ms):
 the step's working set (activations, gradients, statistics), without the weights and
@@ -35,14 +35,15 @@ from smk_lightning.module import SMKModule
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 
 VARIANTS = {
-    # name: (stats engine, scope, probe_fraction, dense_only)
-    "plain": (None, None, None, False),
-    "ghost_routed": ("ghost", "routed", None, False),
-    "ghost_dense": ("ghost", "dense", None, False),
-    "ghost_probe25": ("ghost", "probe", 0.25, False),
-    "vmap_routed": ("vmap", "routed", None, False),
-    "vmap_dense": ("vmap", "dense", None, False),
-    "dense_ffn": (None, None, None, True),
+    # name: (stats engine, scope, probe_fraction, dense_only, expert_impl override)
+    "plain": (None, None, None, False, None),
+    "plain_loop": (None, None, None, False, "loop"),  # experts one matmul each, not grouped GEMMs
+    "ghost_routed": ("ghost", "routed", None, False, None),
+    "ghost_dense": ("ghost", "dense", None, False, None),
+    "ghost_probe25": ("ghost", "probe", 0.25, False, None),
+    "vmap_routed": ("vmap", "routed", None, False, None),
+    "vmap_dense": ("vmap", "dense", None, False, None),
+    "dense_ffn": (None, None, None, True, None),
 }
 
 
@@ -124,7 +125,9 @@ def random_batches(n: int, batch_size: int, seq_len: int, vocab: int) -> list[di
 
 
 def build_module(name: str, model_cfg: ModelConfig, optim: OptimConfig, vmap_chunk: int) -> SMKModule:
-    engine, scope, rho, dense_only = VARIANTS[name]
+    engine, scope, rho, dense_only, expert_impl = VARIANTS[name]
+    if expert_impl is not None:
+        model_cfg = replace(model_cfg, expert_impl=expert_impl)
     stats = StatsConfig(enabled=engine is not None, engine=engine or "ghost", scope=scope or "routed",
                         probe_fraction=rho or 0.25, val_batches=0, vmap_chunk_size=vmap_chunk)
     # smk_loss is on whenever statistics are, without the balance term (which needs no
@@ -179,11 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default=None, help="override the config's trainer.precision")
     ap.add_argument("--batch-size", type=int, default=None, help="override the config's data.batch_size")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice); 1 on a loaded machine, where a "
+                         "descheduled second thread stalls every op")
     args = ap.parse_args(argv)
     if not args.config.is_file():
         ap.error(f"--config {args.config} does not exist; pass a YAML from configs/")
     if args.steps < 1:
         ap.error(f"--steps {args.steps} must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     device = torch.device(dev)
     model_cfg, optim, seq_len, batch_size, precision, vmap_chunk = load_shape(args.config)
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         precision = args.precision
     if args.batch_size:
         batch_size = args.batch_size
-    if device.type == "cpu" and "bf16" in precision:
+    if device.type == "cpu" and "bf16" in precision:  # CPU: float32 as before; CUDA keeps bf16
         precision = "32-true"
     if "plain" not in args.variants:
         args.variants.insert(0, "plain")
@@ -211,18 +221,23 @@ def main(argv: list[str] | None = None) -> None:
     # After the timed rounds: the optimizer state exists, so on CPU the heap growth is the
     # step's working set (activations, gradients, statistics).
     peaks = {name: peak_memory_mb(modules[name], batches, batch_size, precision, device) for name in args.variants}
-    results = {name: {"step_s": statistics.median(times[name]), "peak_mb": peaks[name]} for name in args.variants}
+    tokens = batch_size * seq_len
+    results = {name: {"step_s": statistics.median(times[name]), "tokens_per_s": tokens / statistics.median(times[name]),
+                      "peak_mb": peaks[name]} for name in args.variants}
     base = results["plain"]["step_s"]
     results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
     n_params = sum(p.numel() for p in SMKModule(model=model_cfg).parameters())
     results["meta"] = {"config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
                        "precision": precision, "batch_size": batch_size, "seq_len": seq_len, "params": n_params,
+                       "expert_impl": model_cfg.expert_impl,
                        "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__}
-    print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, {n_params / 1e6:.1f} M params")
-    print(f"{'variant':14s} {'ms/step':>9s} {'× plain':>8s} {'peak MB':>9s}")
+    print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, "
+          f"{n_params / 1e6:.1f} M params, expert_impl {model_cfg.expert_impl} (plain_loop: loop)")
+    print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'peak MB':>9s}")
     for name in args.variants:
         r = results[name]
-        print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {results['ratios'][name]:8.2f} {r['peak_mb']:9.0f}")
+        print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {results['ratios'][name]:8.2f} "
+              f"{r['peak_mb']:9.0f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
