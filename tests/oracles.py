@@ -2,10 +2,10 @@
 
 Nothing here imports project code: the oracles only *read* a layer's weights
 (``layer.router.weight``, ``layer.w1``, ``layer.w2`` and, for SwiGLU, ``layer.w3``)
-and rebuild every quantity of DESIGN.md §2 by hand, one token (and one expert) at a
+and rebuild every quantity of docs/design.md by hand, one token (and one expert) at a
 time, with plain Python loops and ``torch.autograd.grad``.
 
-Conventions (DESIGN §2/§3):
+Conventions (docs/design.md):
   router logits  z_t = W_r x_t            (W_r = layer.router.weight, shape [E, d])
   p_t            = softmax(z_t)
   S_t            = top_k experts of p_t
@@ -180,7 +180,7 @@ def per_token_expert_grads(layer, x_t, g_t, e, activation=None) -> dict[str, tor
 
 # --------------------------------------------------------------------------- stats oracle
 def oracle_stats(layer, x, g, scope, top_k=None, activation=None):
-    """M_A, M_G of DESIGN §2, float64 [N, E], NaN where undefined."""
+    """M_A, M_G of docs/design.md, float64 [N, E], NaN where undefined."""
     if scope not in ("routed", "dense"):
         raise ValueError(scope)
     activation = activation or layer_activation(layer)

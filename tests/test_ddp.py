@@ -1,4 +1,4 @@
-"""DDP (DESIGN §2, "Distributed"): 2 ranks × batch b equal 1 rank × batch 2b over the same
+"""DDP (docs/design.md, "Distributed"): 2 ranks × batch b equal 1 rank × batch 2b over the same
 tokens — loss, M_A / M_G, targets and every weight after 3 optimizer steps — with
 Lightning's own DDP strategy (``ddp_spawn``: the same DDP wrapper as ``ddp``, launched
 from inside pytest), 2 CPU processes on gloo, float64."""
@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from torch.utils.data import DataLoader, DistributedSampler
 
 from smk_lightning.module import SMKModule

@@ -3,7 +3,7 @@ the stacked expert weights) equal a naive per-token Python-loop reference (float
 both expert paths (grouped GEMMs in float32, the per-expert loop in float32 and float64),
 and the statistics captured on either path equal the loop engine's.
 
-Reference: ``tests/oracles.py::naive_moe_forward`` (DESIGN.md §2 definitions)."""
+Reference: ``tests/oracles.py::naive_moe_forward`` (docs/design.md definitions)."""
 
 from __future__ import annotations
 

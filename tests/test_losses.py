@@ -1,4 +1,4 @@
-"""The router losses and smk metrics against float64 references written from DESIGN §2
+"""The router losses and smk metrics against float64 references written from docs/design.md
 (not from the implementation): ΔSC (zscore, zscore_expert, sigmoid, surprise), the targets
 (hard, soft, balanced = Sinkhorn), smk_loss with the router distribution restricted to the
 defined experts D_t, g_acc / g_acc_dense / kl_div / topk_overlap, the Switch aux loss and
@@ -250,7 +250,7 @@ def test_zscore_uses_only_defined_entries_and_is_affine_invariant(kind):
 
 
 def test_zscore_expert_ignores_per_expert_scale_zscore_does_not():
-    """DESIGN: zscore_expert standardises each expert column, so an expert whose outputs
+    """docs/design.md: zscore_expert standardises each expert column, so an expert whose outputs
     and gradients are larger overall is not preferred for every token merely for that."""
     M_A, M_G, mask, _ = make_inputs(4, n=30, e=4)
     scale = torch.tensor([1.0, 10.0, 0.1, 3.0], dtype=torch.float64)

@@ -84,7 +84,7 @@ def test_pairs_with_vanishing_weight_are_recomputed_exactly():
     torch.testing.assert_close(M_G, ref_G, rtol=1e-4, atol=0)
 
 
-# -- the whole training step under the trainer's precision (DESIGN §2, precision) ----------------
+# -- the whole training step under the trainer's precision (docs/design.md, precision) ----------------
 def one_step_stats(precision: str, scope: str, engine: str):
     """Statistics of one real training step (Lightning runs training_step under autocast)."""
     import lightning as L

@@ -1,4 +1,4 @@
-"""DESIGN §2, randomness: validation, sanity checks and text sampling never change what
+"""docs/design.md, randomness: validation, sanity checks and text sampling never change what
 training computes. Smoke config, probe scope (probe rows drawn every step), 20 steps:
 
 - validation (+ sanity check + samples) on vs off: the same training losses;

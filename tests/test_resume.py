@@ -1,4 +1,4 @@
-"""Exact resume (DESIGN / issue): a run of 2n steps and a run stopped after n steps then
+"""Exact resume (docs/design.md): a run of 2n steps and a run stopped after n steps then
 resumed from its checkpoint give the same losses at every step and see the same batches
 (CPU, float32, deterministic algorithms on; equal to 1e-6). Probe scope: the probe rows
 are a pure function of the step, so nothing random needs to be checkpointed."""

@@ -1,7 +1,7 @@
-"""Numerical tests of ``expert_token_stats`` (DESIGN.md §2-§4) against the independent
+"""Numerical tests of ``expert_token_stats`` (docs/design.md) against the independent
 float64 oracle in ``tests/oracles.py``.
 
-Tolerances are the contract of DESIGN §3: float64 relative error <= 1e-9, float32
+Tolerances are the contract of docs/design.md: float64 relative error <= 1e-9, float32
 <= 1e-4, on every defined entry; identical NaN pattern.
 """
 
@@ -251,7 +251,7 @@ def test_scaling_in_grad_out(engine):
 
 @pytest.mark.parametrize("act", ACTS)
 def test_sum_loss_gradient_is_weighted_sum_of_per_token_grads(act):
-    """DESIGN §2: for a routed pair the token's contribution to grad_{theta_e} L_sum is
+    """docs/design.md: for a routed pair the token's contribution to grad_{theta_e} L_sum is
     w_{t,e} times the per-token gradient whose norm is M_G, when grad_out = dL_sum/do.
     With L_sum = <layer(x), G>, dL_sum/do = G exactly."""
     layer, x, G, k = random_case(_seed("sumloss", act), act, "2")

@@ -1,5 +1,5 @@
 """``smk-bench``: the same training step with and without statistics, side by side in one
-process, as ratios to the plain step (DESIGN §5).
+process, as ratios to the plain step (BENCHMARKS.md targets).
 
     smk-bench --config configs/default.yaml --steps 5 --json bench.json
 

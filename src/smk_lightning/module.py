@@ -52,6 +52,7 @@ from smk_lightning.losses import (
     switch_aux_loss,
 )
 from smk_lightning.model import ModelConfig, MoETransformer
+from smk_lightning.model.precision import to_acc
 from smk_lightning.stats import ENGINES, StatsCapture, probe_generator
 from smk_lightning.stats.capture import TRAIN_STREAM, VAL_STREAM
 from smk_lightning.stats.vmap import vmap_stats
@@ -149,7 +150,7 @@ class SMKModule(L.LightningModule):
 
     def lm_loss(self, logits_BTV: Tensor, targets_BT: Tensor) -> Tensor:
         logits = logits_BTV.flatten(0, 1)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 → float32 for the loss
+        logits = to_acc(logits)  # bf16 → float32 for the loss
         return F.cross_entropy(logits, targets_BT.flatten(), ignore_index=-1)
 
     def router_aux_losses(self) -> tuple[Tensor, Tensor]:

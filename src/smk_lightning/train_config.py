@@ -44,7 +44,7 @@ class OptimConfig:
 
 @dataclass
 class StatsConfig:
-    """Per-token, per-expert statistics M_A, M_G (DESIGN §2–§4)."""
+    """Per-token, per-expert statistics M_A, M_G (docs/design.md)."""
 
     enabled: bool = True
     """Compute the statistics during training (smk_loss needs them)."""

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from smk_lightning.model.precision import to_acc
+
 
 def _no_reduce(t: Tensor) -> Tensor:
     return t
@@ -25,7 +27,8 @@ def switch_aux_loss(probs_NE: Tensor, topi_NK: Tensor, all_reduce: Callable[[Ten
     additive share, so that the mean over ranks — what DDP does to gradients — is the
     global loss and its gradient."""
     E = probs_NE.shape[-1]
-    counts_E = torch.bincount(topi_NK.reshape(-1), minlength=E).to(probs_NE.dtype)
+    # scatter_add, not bincount: CUDA's bincount reads the maximum on the host
+    counts_E = probs_NE.new_zeros(E).scatter_add_(0, topi_NK.reshape(-1), probs_NE.new_ones(topi_NK.numel()))
     tokens = probs_NE.new_tensor([float(probs_NE.shape[0])])
     glob = all_reduce(torch.cat([counts_E, tokens]))
     f_E = glob[:E] / (glob[E] * topi_NK.shape[1])
@@ -42,5 +45,5 @@ def auxfree_update_(bias_E: Tensor, load_E: Tensor, rate: float) -> None:
 
 def router_z_loss(logits_NE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean squared log-partition of the router logits."""
-    logits_NE = logits_NE.to(torch.promote_types(logits_NE.dtype, torch.float32))
+    logits_NE = to_acc(logits_NE)
     return torch.logsumexp(logits_NE, dim=-1).square().mean()

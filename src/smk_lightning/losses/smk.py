@@ -1,4 +1,4 @@
-"""smk_loss: route each token to the expert with the best synergy score ΔSC (DESIGN §2).
+"""smk_loss: route each token to the expert with the best synergy score ΔSC (docs/design.md).
 
 Shape legend: N tokens, E experts. ``mask_NE`` marks the entries where both statistics
 are defined; ``D_t`` is row t's defined set. Only rows with ``|D_t| ≥ 2`` take part, and
@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from smk_lightning.model.precision import to_acc
+
 DELTA_SC = ("zscore", "zscore_expert", "sigmoid", "surprise")
 TARGETS = ("hard", "soft", "balanced")
 
@@ -32,9 +34,7 @@ def _no_reduce(t: Tensor) -> Tensor:
     return t
 
 
-def _acc(t: Tensor) -> Tensor:
-    """float32 at least (float64 stays float64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+_acc = to_acc  # float32 at least (float64 stays float64)
 
 
 def _zscore(M_NE: Tensor, mask_NE: Tensor, dim: int | None, all_reduce: AllReduce) -> Tensor:

@@ -123,7 +123,7 @@ class Capture:
     gysq_P: Tensor  # ‖∂L/∂y‖² = w²‖ḡ‖² (mean-loss gradient)
     gusq_P: Tensor  # ‖∂L/∂u‖² = w²‖g_u‖²
     gvsq_P: Tensor  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for GELU)
-    grad_scale: float | Tensor = 1.0  # multiplies the captured gradients (→ ∂L_sum/∂o, DESIGN §2)
+    grad_scale: float | Tensor = 1.0  # multiplies the captured gradients (→ ∂L_sum/∂o, docs/design.md)
     grad_ND: Tensor | None = None  # ∂L/∂o, caught by the output hook (unscaled)
     expected: tuple[str, ...] = ()  # hooks that must fire in the backward
     fired: set[str] = field(default_factory=set)

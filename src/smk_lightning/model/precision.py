@@ -1,4 +1,4 @@
-"""The one precision rule of the statistics and the router (DESIGN §2, precision): norms,
+"""The one precision rule of the statistics and the router (docs/design.md, precision): norms,
 probabilities and losses accumulate in float32 at least, whatever the compute dtype
 (bf16/fp16 → float32, float32 stays, float64 stays float64)."""
 

@@ -1,4 +1,4 @@
-"""Exact per-token, per-expert statistics M_A and M_G (DESIGN §2–§4).
+"""Exact per-token, per-expert statistics M_A and M_G (docs/design.md).
 
 ``expert_token_stats`` is the public entry point; ``ENGINES`` is the registry of
 engines, each ``fn(layer, x_ND, g_ND, mask_NE, M_A, M_G)`` filling the masked entries.
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from smk_lightning.model.moe import MoELayer, route
+from smk_lightning.model.precision import acc_dtype
 from smk_lightning.stats.capture import StatsCapture, probe_generator
 from smk_lightning.stats.ghost import ghost_stats
 from smk_lightning.stats.loop import loop_stats
@@ -28,12 +29,7 @@ def get_engine(name: str):
         raise ValueError(f"stats engine {name!r} does not exist; use one of {tuple(ENGINES)}") from None
 
 
-def stats_dtype(*tensors: Tensor) -> torch.dtype:
-    """Norms accumulate in float32 at least (float64 stays float64)."""
-    dt = torch.float32
-    for t in tensors:
-        dt = torch.promote_types(dt, t.dtype)
-    return dt
+stats_dtype = acc_dtype  # norms accumulate in float32 at least (float64 stays float64)
 
 
 def expert_token_stats(layer: MoELayer, x: Tensor, grad_out: Tensor, engine: str = "ghost",
@@ -44,7 +40,7 @@ def expert_token_stats(layer: MoELayer, x: Tensor, grad_out: Tensor, engine: str
 
     Parameters and their ``.grad`` are not changed.
     """
-    with torch.autocast(x.device.type, enabled=False):  # DESIGN §2: float32 or wider
+    with torch.autocast(x.device.type, enabled=False):  # docs/design.md: float32 or wider
         return _expert_token_stats(layer, x, grad_out, get_engine(engine), scope, probe_fraction, generator)
 
 

@@ -6,7 +6,7 @@ everything the per-token statistics depend on besides the weights:
 - **lifetime** — it switches capture on for the MoE layers on entry and drops every
   captured tensor on exit (also on an exception), so nothing outlives the step;
 - **loss reduction** — the hooks see ∂(loss / accum · loss_scale)/∂o with a mean loss
-  over the rank's ``n_tokens``; DESIGN §2 wants ḡ of the *sum* loss, so the captured
+  over the rank's ``n_tokens``; docs/design.md wants ḡ of the *sum* loss, so the captured
   gradients are multiplied by ``n_tokens · accum / loss_scale`` (``loss_scale`` is the
   16-mixed GradScaler's scale, 1 otherwise). ``n_tokens`` is a tensor: no host sync;
 - **completeness** — every hook a layer registered must have fired (slots start as NaN),
@@ -26,7 +26,7 @@ from torch import Tensor
 from smk_lightning.model.moe import MoELayer
 from smk_lightning.stats.step import step_stats
 
-# Streams of probe draws: training and validation never share one (DESIGN §2, randomness).
+# Streams of probe draws: training and validation never share one (docs/design.md, randomness).
 TRAIN_STREAM, VAL_STREAM = 0, 1
 
 

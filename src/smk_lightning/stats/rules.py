@@ -2,7 +2,7 @@
 
 One small rule per expert kind (as Opacus has one per layer kind). Each linear layer's
 per-token gradient is an outer product, so its Frobenius norm is the product of two
-vector norms and no per-token gradient is ever formed (DESIGN §2):
+vector norms and no per-token gradient is ever formed (docs/design.md):
 
     SwiGLU:  u = x W1, v = x W3, s = silu(u), h = s ⊙ v, y = h W2
              g_h = g W2ᵀ, g_v = g_h ⊙ s, g_u = g_h ⊙ v ⊙ silu'(u)

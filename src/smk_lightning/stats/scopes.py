@@ -1,4 +1,4 @@
-"""Which (token, expert) entries the statistics are defined on (DESIGN §2, scope)."""
+"""Which (token, expert) entries the statistics are defined on (docs/design.md, scope)."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def step_stats(layer: MoELayer, engine: Callable, scope: str, probe_fraction: fl
             "set layer.capture_stats, run the forward and a backward that reaches every expert weight, "
             "then call step_stats"
         )
-    with torch.autocast(cap.x_ND.device.type, enabled=False):  # DESIGN §2: float32 or wider
+    with torch.autocast(cap.x_ND.device.type, enabled=False):  # docs/design.md: float32 or wider
         return _step_stats(layer, cap, engine, scope, probe_fraction, generator)
 
 
@@ -52,7 +52,7 @@ def _step_stats(layer: MoELayer, cap, engine: Callable, scope: str, probe_fracti
     dt = acc_dtype(cap.ma_P, cap.grad_ND)  # float32+ (grad_ND is bf16 under autocast)
     M_A = torch.full(mask_NE.shape, float("nan"), dtype=dt, device=mask_NE.device)
     M_G = M_A.clone()
-    g_ND = cap.grad_ND.to(dt) * cap.grad_scale  # ∂L_sum/∂o (DESIGN §2)
+    g_ND = cap.grad_ND.to(dt) * cap.grad_scale  # ∂L_sum/∂o (docs/design.md)
     if engine is not ghost_stats:
         engine(layer, cap.x_ND, g_ND, mask_NE, M_A, M_G)
         return M_A, M_G, mask_NE
