@@ -102,8 +102,7 @@ class SMKModule(L.LightningModule):
                 layer.enable_score_bias()
         # The routers' gradients are reduced by hand (see the module docstring): DDP must not
         # own them, or the router-only smk gradient would need a second DDP backward.
-        self._router_names = [n for n, _ in self.named_parameters() if ".router." in n]
-        self._ddp_params_and_buffers_to_ignore = list(self._router_names)
+        self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_parameters() if ".router." in n]
         self.val_ppl = Perplexity()
         self._warned_trivial = False
         # Per-step results read by the callbacks: filled only on a micro-batch that computed
@@ -142,8 +141,7 @@ class SMKModule(L.LightningModule):
         return rcfg.balance_weight if rcfg.loss == "smk" and rcfg.balance == "switch" else 0.0
 
     def router_params(self) -> list[Tensor]:
-        params = dict(self.named_parameters())
-        return [params[n] for n in self._router_names]
+        return [layer.router.weight for layer in self.moe_layers.values()]
 
     def forward(self, idx_BT: Tensor) -> Tensor:
         return self.model(idx_BT)

@@ -34,7 +34,6 @@ def _no_reduce(t: Tensor) -> Tensor:
     return t
 
 
-_acc = to_acc  # float32 at least (float64 stays float64)
 
 
 def _zscore(M_NE: Tensor, mask_NE: Tensor, dim: int | None, all_reduce: AllReduce) -> Tensor:
@@ -96,7 +95,7 @@ def smk_targets(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str, tau: float
                 target: Literal["hard", "soft", "balanced"] = "soft", sinkhorn_iters: int = 20,
                 all_reduce: AllReduce = _no_reduce) -> SMKTargets:
     """Targets from the statistics; detached, so they never carry gradient."""
-    dsc_NE = delta_sc(_acc(M_A.detach()), _acc(M_G.detach()), mask_NE, kind, all_reduce)
+    dsc_NE = delta_sc(to_acc(M_A.detach()), to_acc(M_G.detach()), mask_NE, kind, all_reduce)
     counts_N = mask_NE.sum(1)
     rows_N, dense_N = counts_N >= 2, counts_N == mask_NE.shape[1]
     # Rows with no defined entry get 0 instead of -inf so that nothing below is NaN.
@@ -112,7 +111,7 @@ def _masked_log_softmax(logits_NE: Tensor, t: SMKTargets) -> Tensor:
     """log p̃: log-softmax over D_t (−inf elsewhere); rows with < 2 defined experts use all
     logits (they are excluded from every mean, and must not make NaN gradients)."""
     keep_NE = t.mask_NE | ~t.rows_N.unsqueeze(1)
-    return _acc(logits_NE).masked_fill(~keep_NE, float("-inf")).log_softmax(-1)
+    return to_acc(logits_NE).masked_fill(~keep_NE, float("-inf")).log_softmax(-1)
 
 
 def _kl_rows(t: SMKTargets, logp_NE: Tensor) -> Tensor:

@@ -29,9 +29,6 @@ def get_engine(name: str):
         raise ValueError(f"stats engine {name!r} does not exist; use one of {tuple(ENGINES)}") from None
 
 
-stats_dtype = acc_dtype  # norms accumulate in float32 at least (float64 stays float64)
-
-
 def expert_token_stats(layer: MoELayer, x: Tensor, grad_out: Tensor, engine: str = "ghost",
                        scope: str = "routed", probe_fraction: float | None = None,
                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -53,7 +50,7 @@ def _expert_token_stats(layer, x, grad_out, fn, scope, probe_fraction, generator
     with torch.no_grad():
         _, _, topi_NK = route(layer.router_logits(x_ND), layer.top_k, layer.renormalize, layer.score_bias_E)
     mask_NE = scope_mask(topi_NK, layer.num_experts, scope, probe_fraction, generator)
-    dt = stats_dtype(x_ND, g_ND, layer.w1)
+    dt = acc_dtype(x_ND, g_ND, layer.w1)  # norms accumulate in float32 at least
     M_A = torch.full(mask_NE.shape, float("nan"), dtype=dt, device=x_ND.device)
     M_G = M_A.clone()
     fn(layer, x_ND, g_ND, mask_NE, M_A, M_G)
