@@ -84,6 +84,37 @@ def test_pairs_with_vanishing_weight_are_recomputed_exactly():
     torch.testing.assert_close(M_G, ref_G, rtol=1e-4, atol=0)
 
 
+def test_vanishing_weight_fixups_across_layers_are_decided_together(monkeypatch):
+    """StatsCapture.stats reads every layer's lost-pair flag in one host read (run_pending);
+    only the layer that has such pairs recomputes them, and both layers equal the loop."""
+    import smk_lightning.stats.step as step_mod
+    from smk_lightning.stats import StatsCapture
+
+    torch.manual_seed(0)
+    lost = MoELayer(8, 12, 3, 3, renormalize=False)
+    with torch.no_grad():
+        lost.router.weight.zero_()
+        lost.router.weight[2, 0] = -60.0
+    fine = MoELayer(8, 12, 3, 2)
+    x = torch.randn(16, 8)
+    x[:, 0] = 1.0
+    g1, g2 = torch.randn(16, 8), torch.randn(16, 8)
+    reads = []
+    real = step_mod.run_pending
+    monkeypatch.setattr(step_mod, "run_pending", lambda pending: (reads.append(len(pending)), real(pending)))
+    import smk_lightning.stats.capture as capture_mod
+    monkeypatch.setattr(capture_mod, "run_pending", step_mod.run_pending)
+    with StatsCapture({"lost": lost, "fine": fine}) as cap:
+        ((lost(x) * g1).sum() + (fine(x) * g2).sum()).backward()
+        cap.set_grad_scale(1.0)
+        out = cap.stats(ENGINES["ghost"], "routed", None, lambda i: None)
+    assert reads == [2]  # one decision over both layers' flags
+    for (name, layer), g in zip((("lost", lost), ("fine", fine)), (g1, g2)):
+        ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="routed")
+        torch.testing.assert_close(out[name][0], ref_A, rtol=1e-4, atol=0, equal_nan=True)
+        torch.testing.assert_close(out[name][1], ref_G, rtol=1e-4, atol=0, equal_nan=True)
+
+
 # -- the whole training step under the trainer's precision (docs/design.md, precision) ----------------
 def one_step_stats(precision: str, scope: str, engine: str):
     """Statistics of one real training step (Lightning runs training_step under autocast)."""

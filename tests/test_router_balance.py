@@ -119,7 +119,7 @@ def manual_forward(layer, x, weights, topi):
     out = torch.zeros_like(x)
     for t in range(len(x)):
         for slot, e in enumerate(topi[t].tolist()):
-            w1, w2, w3 = layer.expert_weights(e)
+            w1, w2, w3 = layer.w1[e], layer.w2[e], layer.w3[e]
             f = (F.silu(x[t] @ w1) * (x[t] @ w3)) @ w2
             out[t] += weights[t, slot] * f
     return out

@@ -26,7 +26,6 @@ import math
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -53,9 +52,8 @@ from smk_lightning.losses import (
 )
 from smk_lightning.model import ModelConfig, MoETransformer
 from smk_lightning.model.precision import to_acc
-from smk_lightning.stats import ENGINES, StatsCapture, probe_generator
+from smk_lightning.stats import StatsCapture, get_engine, probe_generator
 from smk_lightning.stats.capture import TRAIN_STREAM, VAL_STREAM
-from smk_lightning.stats.vmap import vmap_stats
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 
 METRIC_KEYS = ("g_acc", "g_acc_dense", "kl_div", "topk_overlap")
@@ -123,8 +121,7 @@ class SMKModule(L.LightningModule):
     # -- helpers -------------------------------------------------------------------------------
     @property
     def engine(self):
-        fn = ENGINES[self.stats_cfg.engine]
-        return partial(vmap_stats, chunk_size=self.stats_cfg.vmap_chunk_size) if fn is vmap_stats else fn
+        return get_engine(self.stats_cfg.engine, chunk_size=self.stats_cfg.vmap_chunk_size)
 
     @property
     def auxfree(self) -> bool:

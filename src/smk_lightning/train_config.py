@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from smk_lightning.errors import ConfigError
-from smk_lightning.stats.scopes import check_scope
+from smk_lightning.stats.scopes import check_probe_fraction, check_scope
+from smk_lightning.stats.vmap import DEFAULT_CHUNK_SIZE
 
 
 @dataclass
@@ -56,7 +57,7 @@ class StatsConfig:
     """Share of tokens evaluated on every expert in scope 'probe', in (0, 1]."""
     every_n_steps: int = 1
     """Compute the statistics (and smk_loss) every n-th training step."""
-    vmap_chunk_size: int = 64
+    vmap_chunk_size: int = DEFAULT_CHUNK_SIZE
     """Tokens per vmap chunk (bounds the memory of the vmap engine)."""
     val_batches: int = 2
     """Validation batches on which val/g_acc and val/kl_div are computed (0 disables)."""
@@ -69,15 +70,11 @@ class StatsConfig:
         try:
             get_engine(self.engine)
             check_scope(self.scope, self.probe_fraction)
-        except ConfigError:
-            raise
+            check_probe_fraction(self.probe_fraction)  # a bad share is bad whatever the scope
         except ValueError as e:  # the stats package raises plain ValueError for programmatic use
             raise ConfigError(str(e)) from None
-        if not 0 < self.probe_fraction <= 1:  # a bad share is bad whatever the scope
-            raise ConfigError(
-                f"stats.probe_fraction={self.probe_fraction} must be in (0, 1]; use e.g. 0.25 "
-                "(scope 'dense' evaluates every token on every expert)"
-            )
+        if self.vmap_chunk_size < 1:
+            raise ConfigError(f"stats.vmap_chunk_size={self.vmap_chunk_size} must be >= 1; use e.g. {DEFAULT_CHUNK_SIZE}")
         if self.every_n_steps < 1:
             raise ConfigError(f"stats.every_n_steps={self.every_n_steps} must be >= 1")
 

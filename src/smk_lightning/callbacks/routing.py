@@ -83,8 +83,9 @@ class RouterMonitor(L.Callback):
         """
         self.log_every = log_every_n_steps
         self.heatmap_every = heatmap_every_n_steps
-        self._domain_counts: dict[str, np.ndarray] = {}
-        self._mg_sums: dict[str, np.ndarray] = {}
+        # on the device until the figures are drawn (no host sync per step)
+        self._domain_counts: dict[str, torch.Tensor] = {}  # [E, D] top-1 tokens per expert × domain
+        self._mg_sums: dict[str, torch.Tensor] = {}  # [2, E, D] sum of M_G and count of defined entries
         self._load: dict[str, torch.Tensor] = {}  # per-expert routed pairs of the current optimizer step
         self._entropy: list[torch.Tensor] = []  # mean router entropy of its micro-batches
         self._seen: dict[str, torch.Tensor] = {}  # M_A tensor of each layer's last used statistics
@@ -115,7 +116,7 @@ class RouterMonitor(L.Callback):
         fresh = self._fresh_stats(pl_module)
         names = self._domain_names(trainer)
         if names and "domain" in batch:
-            self._accumulate_domains(pl_module, fresh, len(names), batch["domain"].reshape(-1).clamp_min(0).cpu())
+            self._accumulate_domains(pl_module, fresh, len(names), batch["domain"].reshape(-1).clamp_min(0))
         if step % self.log_every == 0 or step % self.heatmap_every == 0:
             self._accumulate_routing(pl_module)
         if not boundary:
@@ -133,24 +134,29 @@ class RouterMonitor(L.Callback):
         self._load, self._entropy = {}, []
 
     def _accumulate_domains(self, pl_module, fresh: dict, D: int, domain_N: torch.Tensor) -> None:
+        """Top-1 expert × domain counts and M_G sums of this micro-batch, on the device
+        (``scatter_add_``/``index_add_``, not ``bincount``, which reads its input on the host on CUDA)."""
         for lname, layer in pl_module.moe_layers.items():
             if layer.last_topi_NK is None:
                 continue
             E = layer.num_experts
-            top1_N = layer.last_topi_NK[:, 0].cpu()
+            top1_N = layer.last_topi_NK[:, 0]
             if len(top1_N) != len(domain_N):
                 continue
-            counts = torch.bincount(top1_N * D + domain_N, minlength=E * D).view(E, D).numpy()
-            self._domain_counts[lname] = self._domain_counts.get(lname, 0) + counts
+            dom_N = domain_N.to(top1_N.device)
+            counts = torch.zeros(E * D, dtype=torch.long, device=top1_N.device)
+            counts.scatter_add_(0, top1_N * D + dom_N, torch.ones_like(top1_N))
+            prev = self._domain_counts.get(lname)
+            self._domain_counts[lname] = counts.view(E, D) if prev is None else prev + counts.view(E, D)
             if lname in fresh:
                 _, M_G, mask = fresh[lname]
-                mg = torch.nan_to_num(M_G.float(), nan=0.0).cpu()
-                defined = mask.float().cpu()
-                idx = domain_N.unsqueeze(1) + torch.arange(E).unsqueeze(0) * D  # [N, E] → flat E×D
-                sums = torch.zeros(E * D).index_add_(0, idx.reshape(-1), mg.reshape(-1)).view(E, D)
-                cnts = torch.zeros(E * D).index_add_(0, idx.reshape(-1), defined.reshape(-1)).view(E, D)
-                prev = self._mg_sums.get(lname, np.zeros((2, E, D)))
-                self._mg_sums[lname] = prev + np.stack([sums.numpy(), cnts.numpy()])
+                mg = torch.nan_to_num(M_G.float(), nan=0.0)
+                idx = (dom_N.unsqueeze(1) + torch.arange(E, device=dom_N.device).unsqueeze(0) * D).reshape(-1)
+                both = torch.zeros(2, E * D, dtype=torch.float32, device=mg.device)
+                both[0].index_add_(0, idx, mg.reshape(-1))
+                both[1].index_add_(0, idx, mask.float().reshape(-1))
+                prev = self._mg_sums.get(lname)
+                self._mg_sums[lname] = both.view(2, E, D) if prev is None else prev + both.view(2, E, D)
 
     def _accumulate_routing(self, pl_module) -> None:
         """Expert loads and router entropy of this micro-batch, on the device (no sync)."""
@@ -158,7 +164,9 @@ class RouterMonitor(L.Callback):
         for lname, layer in pl_module.moe_layers.items():
             if layer.last_topi_NK is None:
                 continue
-            load_E = torch.bincount(layer.last_topi_NK.reshape(-1), minlength=layer.num_experts)
+            topi_P = layer.last_topi_NK.reshape(-1)
+            load_E = torch.zeros(layer.num_experts, dtype=torch.long, device=topi_P.device)
+            load_E.scatter_add_(0, topi_P, torch.ones_like(topi_P))  # not bincount: a host read on CUDA
             self._load[lname] = self._load[lname] + load_E if lname in self._load else load_E
             p = layer.last_probs_NE.float()
             ents.append(-(torch.xlogy(p, p)).sum(-1).mean())
@@ -196,7 +204,7 @@ class RouterMonitor(L.Callback):
         for lname, layer in pl_module.moe_layers.items():
             experts = [f"e{i}" for i in range(layer.num_experts)]
             if lname in self._domain_counts:
-                counts = self._domain_counts.pop(lname)
+                counts = self._domain_counts.pop(lname).cpu().numpy()  # host read: every heatmap_every steps
                 log_now(trainer, {f"routing/{lname}/domain_nmi": normalized_mutual_info(counts)}, step)
                 if exp is not None:
                     share = counts / np.maximum(counts.sum(0, keepdims=True), 1)
@@ -207,7 +215,7 @@ class RouterMonitor(L.Callback):
                 load = self._load[lname].float()
                 exp.add_histogram(f"routing/{lname}/load", (load / load.sum()).cpu().numpy(), step)
             if lname in self._mg_sums:
-                sums, cnts = self._mg_sums.pop(lname)
+                sums, cnts = self._mg_sums.pop(lname).cpu().numpy()
                 if exp is not None:
                     mean = np.where(cnts > 0, sums / np.maximum(cnts, 1), np.nan)
                     fig = heatmap(mean, experts, names, f"{lname}: mean M_G per expert × token domain")

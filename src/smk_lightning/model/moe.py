@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from smk_lightning.model.experts import get_expert_kind
 from smk_lightning.model.precision import acc_dtype, to_acc
 
-ACTIVATIONS = ("swiglu", "gelu")
 EXPERT_IMPLS = ("auto", "grouped", "loop")
 # ``torch.nn.functional.grouped_mm`` in newer torch, ``torch._grouped_mm`` before that (same
 # signature). On CUDA its fast kernel is bf16 on sm90/sm100; other dtypes and GPUs go to
@@ -122,7 +122,7 @@ class Capture:
     hsq_P: Tensor  # ‖h‖², float32+
     gysq_P: Tensor  # ‖∂L/∂y‖² = w²‖ḡ‖² (mean-loss gradient)
     gusq_P: Tensor  # ‖∂L/∂u‖² = w²‖g_u‖²
-    gvsq_P: Tensor  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for GELU)
+    gvsq_P: Tensor  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for a kind with one input projection, GELU)
     grad_scale: float | Tensor = 1.0  # multiplies the captured gradients (→ ∂L_sum/∂o, docs/design.md)
     grad_ND: Tensor | None = None  # ∂L/∂o, caught by the output hook (unscaled)
     expected: tuple[str, ...] = ()  # hooks that must fire in the backward
@@ -162,6 +162,13 @@ def route(logits_NE: Tensor, top_k: int, renormalize: bool,
     return probs_NE, topw_NK, topi_NK
 
 
+def check_top_k(top_k: int, num_experts: int, prefix: str = "") -> None:
+    """The one check of top_k (the config and the layer both call it)."""
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"{prefix}top_k={top_k} must be between 1 and {prefix}num_experts={num_experts}; "
+                         "lower top_k or add experts")
+
+
 def sort_pairs(topi_NK: Tensor, num_experts: int) -> Routing:
     """Sort the N·K (token, slot) pairs by expert; token of sorted pair p is order_P[p] // K."""
     flat_P = topi_NK.reshape(-1)
@@ -175,9 +182,11 @@ def sort_pairs(topi_NK: Tensor, num_experts: int) -> Routing:
 class MoELayer(nn.Module):
     """Top-k routed MoE feed-forward: ``[N, D] → [N, D]`` (``[B, T, D]`` accepted too).
 
-    Experts are stacked: ``w1 [E, D, F]``, ``w2 [E, F, D]`` and, for SwiGLU, ``w3 [E, D, F]``;
-    expert ``e`` computes ``(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`` (GELU:
-    ``gelu(x @ w1[e]) @ w2[e]``). ``router`` is ``nn.Linear(D, E, bias=False)``.
+    Experts are stacked: the input projections of the expert kind (``model/experts.py``:
+    ``w1 [E, D, F]`` and, for SwiGLU, ``w3 [E, D, F]``; ``w3`` is None for GELU) and
+    ``w2 [E, F, D]``; expert ``e`` computes ``kind.forward((w1[e], w3[e], w2[e]), x)``, i.e.
+    ``(silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]`` (GELU: ``gelu(x @ w1[e]) @ w2[e]``).
+    ``router`` is ``nn.Linear(D, E, bias=False)``.
     ``expert_impl`` picks grouped GEMMs or a per-expert loop (``resolve_expert_impl``); both
     compute the same function and leave the same statistics capture.
     """
@@ -195,20 +204,17 @@ class MoELayer(nn.Module):
         super().__init__()
         if expert_impl not in EXPERT_IMPLS:
             raise ValueError(f"expert_impl={expert_impl!r} is not supported; use one of {EXPERT_IMPLS}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation={activation!r} is not supported; use one of {ACTIVATIONS}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(
-                f"top_k={top_k} must be between 1 and num_experts={num_experts}; lower top_k or add experts"
-            )
+        self.kind = get_expert_kind(activation)
+        check_top_k(top_k, num_experts)
         self.d_model, self.d_ff = d_model, d_ff
         self.num_experts, self.top_k = num_experts, top_k
         self.activation, self.renormalize = activation, renormalize
         self.expert_impl = expert_impl
         self.router = nn.Linear(d_model, num_experts, bias=False)
-        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w3 = None  # for kinds without it (GELU)
+        for name in self.kind.in_names:
+            setattr(self, name, nn.Parameter(torch.empty(num_experts, d_model, d_ff)))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
-        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
         # Decoupled routing: the combine weights use a detached router weight (the main loss
         # still reaches x through them, never the router), and the router losses see logits
         # recomputed from the detached input, so they train the router and nothing else.
@@ -228,18 +234,23 @@ class MoELayer(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.router.weight, std=0.02)
-        for w in (self.w1, self.w3):
-            if w is not None:
-                nn.init.normal_(w, std=1.0 / math.sqrt(self.d_model))
+        for w in self.in_weights():
+            nn.init.normal_(w, std=1.0 / math.sqrt(self.d_model))
         nn.init.normal_(self.w2, std=1.0 / math.sqrt(self.d_ff))
 
     def enable_score_bias(self) -> None:
         """Add the aux-loss-free balancing bias (zeros; the trainer nudges it after each step)."""
         self.register_buffer("score_bias_E", torch.zeros(self.num_experts, device=self.w1.device))
 
-    def expert_weights(self, e: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(w1_DF, w2_FD, w3_DF or None) of expert ``e``."""
-        return self.w1[e], self.w2[e], None if self.w3 is None else self.w3[e]
+    def in_weights(self) -> tuple[Tensor, ...]:
+        """The stacked input projections ``[E, D, F]``, in ``kind.in_names`` order."""
+        return tuple(getattr(self, n) for n in self.kind.in_names)
+
+    def expert_params(self, dt: torch.dtype, e: int | Tensor | None = None) -> tuple[Tensor, ...]:
+        """``(*w_in, w2)`` detached in dtype ``dt``: stacked ``[E, ·, ·]``, or of expert(s) ``e``
+        (an int, or an index tensor for one expert per row) — ``kind.forward``'s parameters."""
+        ws = (*self.in_weights(), self.w2)
+        return tuple((w if e is None else w[e]).detach().to(dt) for w in ws)
 
     def router_logits(self, x_ND: Tensor) -> Tensor:
         """Logits that route the tokens (and carry the main loss's gradient, if any)."""
@@ -259,24 +270,23 @@ class MoELayer(nn.Module):
 
         tok_P = routing.order_P // self.top_k
         xs_PD = x_ND[tok_P]
-        w1_EDF, w2_EFD, w3_EDF = self.w1, self.w2, self.w3
+        w_in, w2_EFD = self.in_weights(), self.w2
         cdt = self._compute_dtype(xs_PD)
         # P = 0 (an empty batch) is the loop's: grouped_mm refuses empty operands.
         grouped = resolve_expert_impl(self.expert_impl, cdt, self.d_model, self.d_ff) and len(tok_P) > 0
         if grouped:  # grouped_mm has no autocast rule (CPU) where the loop's x @ w has one: cast here
-            xs_PD, w1_EDF, w2_EFD = xs_PD.to(cdt), w1_EDF.to(cdt), w2_EFD.to(cdt)
-            w3_EDF = None if w3_EDF is None else w3_EDF.to(cdt)
+            xs_PD, w2_EFD = xs_PD.to(cdt), w2_EFD.to(cdt)
+            w_in = tuple(w.to(cdt) for w in w_in)
         groups = ExpertGroups.of(routing.counts_E, grouped)
         # The experts' matmuls on their contiguous row blocks; the activation runs once over all pairs.
-        # Two grouped GEMMs for u and v (as torchtitan), not one on cat(w1, w3): the cat copies
-        # the weights every forward and measured slower on CPU (BENCHMARKS.md, expert path).
-        u_PF = groups.mm(xs_PD, w1_EDF)
-        v_PF = None if w3_EDF is None else groups.mm(xs_PD, w3_EDF)
-        h_PF = F.gelu(u_PF) if v_PF is None else F.silu(u_PF) * v_PF
+        # One grouped GEMM per input projection (u and v, as torchtitan), not one on cat(w1, w3):
+        # the cat copies the weights every forward and measured slower on CPU (BENCHMARKS.md).
+        pre = tuple(groups.mm(xs_PD, w) for w in w_in)
+        _, h_PF = self.kind.activations(pre)
         ys_PD = groups.mm(h_PF, w2_EFD)
         cap = None
         if self.capture_stats and torch.is_grad_enabled():
-            cap = self._capture(x_ND, weights_NK, routing, u_PF, v_PF, h_PF, ys_PD)
+            cap = self._capture(x_ND, weights_NK, routing, pre, h_PF, ys_PD)
 
         # Unsort: pair p of the flattened (token, slot) order sits at position order_P^-1.
         y_PD = torch.empty_like(ys_PD).index_copy_(0, routing.order_P, ys_PD)
@@ -295,7 +305,7 @@ class MoELayer(nn.Module):
         return dt
 
     # -- statistics capture ---------------------------------------------------------------
-    def _capture(self, x_ND: Tensor, weights_NK: Tensor, routing: Routing, u_PF: Tensor, v_PF: Tensor | None,
+    def _capture(self, x_ND: Tensor, weights_NK: Tensor, routing: Routing, pre: tuple[Tensor, ...],
                  h_PF: Tensor, ys_PD: Tensor) -> Capture | None:
         if self.capture is not None:  # activation-checkpoint recompute: keep the first capture
             return None
@@ -304,11 +314,12 @@ class MoELayer(nn.Module):
             ma_P = torch.linalg.vector_norm(ys_PD, dim=-1, dtype=acc)
             hsq_P = torch.linalg.vector_norm(h_PF, dim=-1, dtype=acc).square()
         nan_P = torch.full_like(ma_P, float("nan"))  # until the hooks fire (see ``Capture``)
-        gvsq_P = nan_P if v_PF is not None else torch.zeros_like(ma_P)  # GELU has no v
+        pre_slots = ("gusq_P", "gvsq_P")[: len(pre)]  # one slot per input projection (u, v)
+        gvsq_P = nan_P if "gvsq_P" in pre_slots else torch.zeros_like(ma_P)
         cap = self.capture = Capture(x_ND.detach(), weights_NK.detach(), routing, ma_P, hsq_P,
                                      nan_P, nan_P, gvsq_P, expected=("grad_ND",))
         if ys_PD.requires_grad:
-            hooked = [("gysq_P", ys_PD), ("gusq_P", u_PF)] + ([("gvsq_P", v_PF)] if v_PF is not None else [])
+            hooked = [("gysq_P", ys_PD), *zip(pre_slots, pre)]
             for attr, t in hooked:
                 t.register_hook(partial(_store_sq, cap, attr))
             cap.expected += tuple(a for a, _ in hooked)

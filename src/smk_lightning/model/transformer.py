@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from smk_lightning.errors import ConfigError
-from smk_lightning.model.moe import MoELayer
+from smk_lightning.model.experts import get_expert_kind
+from smk_lightning.model.moe import EXPERT_IMPLS, MoELayer, check_top_k
 
 
 @dataclass
@@ -56,6 +57,9 @@ class ModelConfig:
     over all experts; ``loop`` = one matmul per expert (needs a host sync for the split sizes);
     ``auto`` = grouped wherever grouped_mm can run (float32/bf16/fp16, row widths d_model and
     d_ff a multiple of 16 bytes, a torch that has it), loop otherwise (float64)."""
+    compile: bool = False
+    """torch.compile the model. Not supported: true is refused (compiled, the tensor hooks
+    that capture the experts' gradients for M_G receive no gradient)."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -67,13 +71,19 @@ class ModelConfig:
             raise ConfigError(
                 f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for rotary positions"
             )
-        if not 1 <= self.top_k <= self.num_experts:
+        try:
+            check_top_k(self.top_k, self.num_experts, prefix="model.")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ConfigError(f"model.expert_impl={self.expert_impl!r} is not supported; use one of {EXPERT_IMPLS}")
+        if self.compile:
+            # tests/test_bad_input.py::test_compile_still_breaks_the_capture checks this reason
+            # against the installed torch; when it fails there, compile can be supported.
             raise ConfigError(
-                f"model.top_k={self.top_k} must be between 1 and model.num_experts={self.num_experts}; "
-                "lower top_k or add experts"
+                "model.compile=true is not supported: under torch.compile the tensor hooks that capture "
+                "the experts' gradients for M_G receive no gradient (grad=None); set model.compile=false"
             )
-        if self.expert_impl not in ("auto", "grouped", "loop"):
-            raise ConfigError(f"model.expert_impl={self.expert_impl!r} is not supported; use auto, grouped or loop")
         if self.moe_every < 1:
             raise ConfigError(f"model.moe_every={self.moe_every} must be >= 1")
 
@@ -118,17 +128,18 @@ class Attention(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    """SwiGLU/GELU MLP with the same form as one expert."""
+    """An MLP of the same form as one expert (its kind from ``model/experts.py``)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str) -> None:
         super().__init__()
-        self.activation = activation
-        self.w1 = nn.Linear(d_model, d_ff, bias=False)
-        self.w3 = nn.Linear(d_model, d_ff, bias=False) if activation == "swiglu" else None
+        self.activation, self.kind = activation, get_expert_kind(activation)
+        self.w3 = None  # for kinds without it (GELU)
+        for name in self.kind.in_names:
+            setattr(self, name, nn.Linear(d_model, d_ff, bias=False))
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.gelu(self.w1(x)) if self.w3 is None else F.silu(self.w1(x)) * self.w3(x)
+        _, h = self.kind.activations(tuple(getattr(self, n)(x) for n in self.kind.in_names))
         return self.w2(h)
 
 

@@ -1,7 +1,7 @@
 """Exact per-token, per-expert statistics M_A and M_G (docs/design.md).
 
 ``expert_token_stats`` is the public entry point; ``ENGINES`` is the registry of
-engines, each ``fn(layer, x_ND, g_ND, mask_NE, M_A, M_G)`` filling the masked entries.
+engines (``stats/engines.py``), each filling the masked entries of M_A, M_G.
 ``step_stats`` computes the statistics of a training step from what the layer captured.
 """
 
@@ -13,20 +13,9 @@ from torch import Tensor
 from smk_lightning.model.moe import MoELayer, route
 from smk_lightning.model.precision import acc_dtype
 from smk_lightning.stats.capture import StatsCapture, probe_generator
-from smk_lightning.stats.ghost import ghost_stats
-from smk_lightning.stats.loop import loop_stats
+from smk_lightning.stats.engines import ENGINES, Engine, get_engine
 from smk_lightning.stats.scopes import SCOPES, check_scope, scope_mask
 from smk_lightning.stats.step import step_stats
-from smk_lightning.stats.vmap import vmap_stats
-
-ENGINES = {"ghost": ghost_stats, "vmap": vmap_stats, "loop": loop_stats}
-
-
-def get_engine(name: str):
-    try:
-        return ENGINES[name]
-    except KeyError:
-        raise ValueError(f"stats engine {name!r} does not exist; use one of {tuple(ENGINES)}") from None
 
 
 def expert_token_stats(layer: MoELayer, x: Tensor, grad_out: Tensor, engine: str = "ghost",
@@ -57,5 +46,5 @@ def _expert_token_stats(layer, x, grad_out, fn, scope, probe_fraction, generator
     return M_A, M_G
 
 
-__all__ = ["ENGINES", "SCOPES", "StatsCapture", "expert_token_stats", "get_engine", "probe_generator",
+__all__ = ["ENGINES", "SCOPES", "Engine", "StatsCapture", "expert_token_stats", "get_engine", "probe_generator",
            "step_stats"]

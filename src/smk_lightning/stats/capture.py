@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from smk_lightning.model.moe import MoELayer
-from smk_lightning.stats.step import step_stats
+from smk_lightning.stats.engines import Engine
+from smk_lightning.stats.step import run_pending, step_stats
 
 # Streams of probe draws: training and validation never share one (docs/design.md, randomness).
 TRAIN_STREAM, VAL_STREAM = 0, 1
@@ -84,10 +85,14 @@ class StatsCapture:
                     "differentiate the loss with respect to every expert weight (w1, w2, w3) of every MoE layer"
                 )
 
-    def stats(self, engine: Callable, scope: str, probe_fraction: float | None,
+    def stats(self, engine: Engine, scope: str, probe_fraction: float | None,
               generator_of: Callable[[int], torch.Generator]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         """{name: (M_A, M_G, mask)} per layer (``step_stats`` runs with autocast off);
         ``generator_of(i)`` gives the probe generator of the i-th MoE layer."""
         self.check()
-        return {name: step_stats(layer, engine, scope, probe_fraction, generator_of(i) if scope == "probe" else None)
-                for i, (name, layer) in enumerate(self.layers.items())}
+        pending: list = []  # every layer's rare-case fix-ups, decided by one host read below
+        out = {name: step_stats(layer, engine, scope, probe_fraction, generator_of(i) if scope == "probe" else None,
+                                pending=pending)
+               for i, (name, layer) in enumerate(self.layers.items())}
+        run_pending(pending)
+        return out

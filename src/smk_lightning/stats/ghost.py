@@ -10,8 +10,11 @@ experts in Python:
 - ``ghost_pairs``: arbitrary (token, expert) pairs, sorted by expert and multiplied like the
   layer's own forward (``ExpertGroups``: grouped GEMMs, or one matmul per expert in float64).
 
-``ghost_stats`` (the ``ENGINES`` entry, any mask) uses the first for rows whose every
-expert is wanted and the second for the rest.
+``ghost_stats`` (any mask) uses the first for rows whose every expert is wanted and the
+second for the rest. ``ghost_step`` fills a training step's statistics from the layer's
+capture: routed pairs need no new matmul (the forward kept ‖y‖ and ‖h‖², hooks kept the
+row norms of the backward's own gradients of y and the pre-activations; see
+``smk_lightning.model.moe.Capture``), and dense / probe rows go through ``ghost_dense_rows``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smk_lightning.model.moe import ExpertGroups, MoELayer, resolve_expert_impl
+from smk_lightning.model.moe import Capture, ExpertGroups, MoELayer, resolve_expert_impl
 from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 
 # Elements of one [rows, E, F] intermediate of ghost_dense_rows, by device type (about five
@@ -30,19 +33,14 @@ from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 DENSE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "default": 1 << 24}
 
 
-def _weights(layer: MoELayer, dt: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None]:
-    w1, w2, w3 = layer.w1, layer.w2, layer.w3
-    return w1.detach().to(dt), w2.detach().to(dt), None if w3 is None else w3.detach().to(dt)
-
-
 @torch.no_grad()
 def ghost_dense_rows(layer: MoELayer, x_RD: Tensor, g_RD: Tensor, dt: torch.dtype) -> tuple[Tensor, Tensor]:
     """(M_A, M_G) ``[R, E]`` of every expert on every given row, in dtype ``dt``."""
-    w1_EDF, w2_EFD, w3_EDF = _weights(layer, dt)
+    *w_in, w2_EFD = layer.expert_params(dt)
     x_RD, g_RD = x_RD.to(dt), g_RD.to(dt)
     budget = DENSE_CHUNK_ELEMENTS.get(x_RD.device.type, DENSE_CHUNK_ELEMENTS["default"])
     chunk = max(1, budget // (layer.num_experts * layer.d_ff))
-    parts = [ghost_rows_all_experts(x, g, w1_EDF, w2_EFD, w3_EDF)
+    parts = [ghost_rows_all_experts(layer.kind, x, g, tuple(w_in), w2_EFD)
              for x, g in zip(x_RD.split(chunk), g_RD.split(chunk))]
     if len(parts) == 1:
         return parts[0]
@@ -59,7 +57,9 @@ def ghost_pairs(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, tok_Q: Tensor, exp_
     grouped = resolve_expert_impl("auto", dt, layer.d_model, layer.d_ff) and len(exp_Q) > 0
     groups = ExpertGroups.of(counts_E, grouped)
     tok_sorted_Q = tok_Q[order_Q]
-    ma_Q, mg_Q = ghost_rows(x_ND[tok_sorted_Q].to(dt), g_ND[tok_sorted_Q].to(dt), *_weights(layer, dt), mm=groups.mm)
+    *w_in, w2_EFD = layer.expert_params(dt)
+    ma_Q, mg_Q = ghost_rows(layer.kind, x_ND[tok_sorted_Q].to(dt), g_ND[tok_sorted_Q].to(dt), tuple(w_in), w2_EFD,
+                            mm=groups.mm)
     # back to the caller's pair order
     return torch.empty_like(ma_Q).index_copy_(0, order_Q, ma_Q), torch.empty_like(mg_Q).index_copy_(0, order_Q, mg_Q)
 
@@ -81,3 +81,43 @@ def ghost_stats(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, mask_NE: Tensor,
     tok_Q, exp_Q = (mask_NE & ~dense_N.unsqueeze(1)).nonzero().unbind(1)  # HOST SYNC (as above)
     if len(tok_Q):
         M_A[tok_Q, exp_Q], M_G[tok_Q, exp_Q] = ghost_pairs(layer, x_ND, g_ND, tok_Q, exp_Q, dt)
+
+
+@torch.no_grad()
+def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: Tensor | None,
+               M_A: Tensor, M_G: Tensor, pending: list) -> None:
+    """Fill ``M_A``/``M_G`` [N, E] of a training step in ``scope`` from the layer's capture
+    (``g_ND`` = ∂L_sum/∂o; ``rows_R``: the probe rows in scope 'probe'). Pairs whose combine
+    weight is too small to divide out are recomputed by a fix-up appended to ``pending``
+    (``step.run_pending`` runs it if any such pair exists)."""
+    routing, dt = cap.routing, M_A.dtype
+    # Dense or probe rows first, every expert at once (their routed entries are then
+    # overwritten by the captured values below; routed scope has no such rows).
+    if scope == "dense":
+        M_A[:], M_G[:] = ghost_dense_rows(layer, cap.x_ND, g_ND, dt)
+    elif scope == "probe":
+        M_A[rows_R], M_G[rows_R] = ghost_dense_rows(layer, cap.x_ND[rows_R], g_ND[rows_R], dt)
+
+    # Routed pairs: every factor of the closed form came out of the forward and the
+    # normal backward; the backward's gradients carry the pair's combine weight w, which
+    # is divided out here.
+    tok_P = routing.order_P // layer.top_k
+    exp_P = routing.topi_NK.reshape(-1)[routing.order_P]
+    w_P = cap.weights_NK.reshape(-1)[routing.order_P].to(dt)
+    xsq_P = cap.x_ND.to(dt).square().sum(-1)[tok_P]
+    inner_P = cap.gysq_P.to(dt) * cap.hsq_P.to(dt) + (cap.gusq_P.to(dt) + cap.gvsq_P.to(dt)) * xsq_P
+    mg_P = inner_P.sqrt() * (cap.grad_scale / w_P)
+    # A pair whose weight is (nearly) zero got (nearly) no gradient: its M_G is recomputed exactly.
+    lost_P = w_P < torch.finfo(dt).tiny ** 0.5
+    if scope == "dense":  # already recomputed above: keep that value, no sync
+        mg_P = torch.where(lost_P, M_G[tok_P, exp_P], mg_P)
+    M_A[tok_P, exp_P] = cap.ma_P.to(dt)
+    M_G[tok_P, exp_P] = mg_P
+    # Lost pairs are rare, and recomputing all P pairs to avoid reading this flag would cost
+    # as much as the forward's experts: the caller reads every layer's flag in one host sync.
+    if scope != "dense":
+        def fix() -> None:
+            tok_Q, exp_Q = tok_P[lost_P], exp_P[lost_P]  # boolean indexing: a host sync (rare case only)
+            M_A[tok_Q, exp_Q], M_G[tok_Q, exp_Q] = ghost_pairs(layer, cap.x_ND, g_ND, tok_Q, exp_Q, dt)
+
+        pending.append((lost_P.any(), fix))

@@ -7,18 +7,16 @@ import torch
 from torch import Tensor
 
 from smk_lightning.model.moe import MoELayer
-from smk_lightning.stats.rules import expert_forward
 
 
 def loop_stats(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, mask_NE: Tensor,
                M_A: Tensor, M_G: Tensor) -> None:
     """Fill the entries of ``M_A``/``M_G`` [N, E] where ``mask_NE`` is set."""
     dt = M_A.dtype
-    ws = [layer.w1, layer.w2] + ([] if layer.w3 is None else [layer.w3])
     with torch.enable_grad():
         for t, e in mask_NE.nonzero().tolist():
-            params = tuple(w[e].detach().to(dt).requires_grad_(True) for w in ws)
-            y = expert_forward(params, x_ND[t].detach().to(dt))
+            params = tuple(w.requires_grad_(True) for w in layer.expert_params(dt, e))
+            y = layer.kind.forward(params, x_ND[t].detach().to(dt))
             grads = torch.autograd.grad((y * g_ND[t].detach().to(dt)).sum(), params)
             M_A[t, e] = y.detach().norm()
             M_G[t, e] = torch.stack([gr.square().sum() for gr in grads]).sum().sqrt()

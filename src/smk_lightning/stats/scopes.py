@@ -8,14 +8,18 @@ from torch import Tensor
 SCOPES = ("routed", "dense", "probe")
 
 
+def check_probe_fraction(probe_fraction: float | None) -> None:
+    """The one check of the probe share (scope 'probe' needs it; the config checks it always)."""
+    if not (probe_fraction is not None and 0 < probe_fraction <= 1):
+        raise ValueError(f"stats.probe_fraction={probe_fraction} must be in (0, 1]; use e.g. 0.25 "
+                         "(scope 'dense' evaluates every token on every expert)")
+
+
 def check_scope(scope: str, probe_fraction: float | None = None) -> None:
     if scope not in SCOPES:
         raise ValueError(f"stats scope {scope!r} does not exist; use one of {SCOPES}")
-    if scope == "probe" and not (probe_fraction is not None and 0 < probe_fraction <= 1):
-        raise ValueError(
-            f"stats.probe_fraction={probe_fraction} must be in (0, 1] for scope 'probe'; "
-            "use e.g. 0.25, or scope 'dense' for 1.0"
-        )
+    if scope == "probe":
+        check_probe_fraction(probe_fraction)
 
 
 def routed_mask(topi_NK: Tensor, num_experts: int) -> Tensor:
@@ -32,8 +36,10 @@ def probe_index(n: int, probe_fraction: float, generator: torch.Generator | None
                 device: torch.device) -> Tensor:
     """``probe_count(n, ρ)`` distinct random rows of n, as indices [R] on ``device``."""
     perm = torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")
-    # Drawn by the (CPU) probe generator: the copy to a GPU is a host-to-device transfer.
-    return perm[: probe_count(n, probe_fraction)].to(device)
+    rows_R = perm[: probe_count(n, probe_fraction)]
+    if torch.device(device).type == "cuda":  # from pinned memory the copy does not block the host
+        return rows_R.pin_memory().to(device, non_blocking=True)
+    return rows_R.to(device)
 
 
 def probe_rows(n: int, probe_fraction: float, generator: torch.Generator | None,

@@ -1,0 +1,54 @@
+"""The registry of statistics engines. Each engine declares what it computes with:
+
+- ``fill(layer, x_ND, g_ND, mask_NE, M_A, M_G, **options)`` fills the masked entries of
+  ``M_A``/``M_G`` [N, E] from a layer input and its upstream gradient (every engine);
+- ``from_capture(layer, cap, g_ND, scope, rows_R, M_A, M_G, pending)``, where given, fills
+  a training step's statistics from what the layer captured in its forward and backward
+  (ghost), instead of recomputing them, and appends rare-case fix-ups to ``pending``
+  (``stats.step.run_pending``);
+- ``options``: the keyword options ``fill`` takes (vmap: ``chunk_size``).
+
+An unknown engine name raises; there is no fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+
+from smk_lightning.stats.ghost import ghost_stats, ghost_step
+from smk_lightning.stats.loop import loop_stats
+from smk_lightning.stats.vmap import vmap_stats
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    fill: Callable
+    from_capture: Callable | None = None
+    options: tuple[str, ...] = ()
+
+    def __call__(self, layer, x_ND, g_ND, mask_NE, M_A, M_G) -> None:
+        self.fill(layer, x_ND, g_ND, mask_NE, M_A, M_G)
+
+
+ENGINES: dict[str, Engine] = {
+    e.name: e
+    for e in (
+        Engine("ghost", ghost_stats, from_capture=ghost_step),
+        Engine("vmap", vmap_stats, options=("chunk_size",)),
+        Engine("loop", loop_stats),
+    )
+}
+
+
+def get_engine(name: str, **options) -> Engine:
+    """The engine called ``name``, with those of ``options`` it takes bound (others ignored:
+    a config carries every engine's options)."""
+    try:
+        engine = ENGINES[name]
+    except KeyError:
+        raise ValueError(f"stats engine {name!r} does not exist; use one of {tuple(ENGINES)}") from None
+    mine = {k: v for k, v in options.items() if k in engine.options}
+    return replace(engine, fill=partial(engine.fill, **mine)) if mine else engine
