@@ -118,6 +118,29 @@ def load_shape(config: Path) -> tuple[ModelConfig, OptimConfig, int, int, str, i
             int(stats_kw.get("vmap_chunk_size", StatsConfig.vmap_chunk_size)))
 
 
+# Dense bf16 tensor-core peak (TFLOP/s, without sparsity) of the GPUs we measure on, for the
+# MFU estimate; elsewhere pass --peak-tflops.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one trained token (PaLM's MFU convention): 6 × the parameters a token
+    passes through (an MoE layer's experts count top_k/E; the token embedding is a lookup,
+    so only its use as the tied head counts) + 12 × layers × d_model × seq_len (attention)."""
+    from smk_lightning.model.moe import MoELayer
+    from smk_lightning.model.transformer import MoETransformer
+
+    with torch.device("meta"):
+        model = MoETransformer(cfg)
+    moe = [m for m in model.modules() if isinstance(m, MoELayer)]
+    experts = {id(w): m.top_k / m.num_experts for m in moe for w in (*m.in_weights(), m.w2)}
+    # named_parameters lists a tied embedding/head weight once: it counts as the head
+    active = sum(p.numel() * experts.get(id(p), 1.0) for p in model.parameters())
+    if not cfg.tie_embeddings:
+        active -= model.embed.weight.numel()  # the untied embedding is only a lookup
+    return 6 * active + 12 * cfg.n_layers * cfg.d_model * seq_len
+
+
 def random_batches(n: int, batch_size: int, seq_len: int, vocab: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, vocab, (n * batch_size, seq_len + 1), generator=g)
@@ -182,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default=None, help="override the config's trainer.precision")
     ap.add_argument("--batch-size", type=int, default=None, help="override the config's data.batch_size")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak FLOP/s of the device in TFLOP/s for the MFU column (default: known for "
+                         "H100/H200/A100 in bf16; none on CPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice); 1 on a loaded machine, where a "
                          "descheduled second thread stalls every op")
@@ -227,17 +253,28 @@ def main(argv: list[str] | None = None) -> None:
     base = results["plain"]["step_s"]
     results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
     n_params = sum(p.numel() for p in SMKModule(model=model_cfg).parameters())
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda" and "bf16" in precision:
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    # MFU of every variant against the plain step's model FLOPs (what the model computes;
+    # statistics are overhead), so it falls as the ratio to plain rises.
+    flops = train_flops_per_token(model_cfg, seq_len) * tokens
+    for name in args.variants:
+        results[name]["mfu"] = flops / results[name]["step_s"] / (peak * 1e12) if peak else None
     results["meta"] = {"config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
                        "precision": precision, "batch_size": batch_size, "seq_len": seq_len, "params": n_params,
                        "expert_impl": model_cfg.expert_impl,
-                       "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__}
+                       "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
+                       "train_flops_per_token": flops / tokens, "peak_tflops": peak}
     print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, "
           f"{n_params / 1e6:.1f} M params, expert_impl {model_cfg.expert_impl} (plain_loop: loop)")
-    print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'peak MB':>9s}")
+    print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'peak MB':>9s} {'MFU':>6s}")
     for name in args.variants:
         r = results[name]
+        mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     —"
         print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {results['ratios'][name]:8.2f} "
-              f"{r['peak_mb']:9.0f}")
+              f"{r['peak_mb']:9.0f} {mfu}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

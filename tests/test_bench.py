@@ -1,0 +1,42 @@
+"""``smk-bench``: the model-FLOPs count behind its MFU column, and one tiny run end to end
+(no timings are asserted: speed is measured, not tested)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from smk_lightning.bench import main, train_flops_per_token
+from smk_lightning.model import ModelConfig
+
+SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
+
+
+@pytest.mark.parametrize("activation,tie,moe_every", [("swiglu", True, 1), ("gelu", False, 2)])
+def test_train_flops_per_token_counts_active_parameters(activation, tie, moe_every):
+    c = ModelConfig(d_model=32, n_layers=4, n_heads=4, num_experts=4, top_k=2, d_ff=48, vocab_size=100,
+                    activation=activation, tie_embeddings=tie, moe_every=moe_every)
+    d, V, T = c.d_model, c.vocab_size, 64
+    n_in = 2 if activation == "swiglu" else 1
+    moe_layers = c.n_layers // moe_every
+    dense_layers = c.n_layers - moe_layers
+    per_layer = 4 * d * d + 2 * d  # attention (qkv + proj) and two RMSNorm weights
+    moe = d * c.num_experts + c.top_k * (n_in + 1) * d * c.d_ff  # router + the top_k experts a token uses
+    dense = (n_in + 1) * d * (c.top_k * c.d_ff)  # dense FFN of width top_k·d_ff
+    active = c.n_layers * per_layer + moe_layers * moe + dense_layers * dense + V * d + d  # head, final norm
+    assert train_flops_per_token(c, T) == pytest.approx(6 * active + 12 * c.n_layers * d * T)
+
+
+def test_bench_runs_and_reports_mfu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["--config", str(SMOKE), "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1",
+          "--variants", "plain", "ghost_routed", "--peak-tflops", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["ratios"]) == {"plain", "ghost_routed"} and res["ratios"]["plain"] == 1.0
+    for name in ("plain", "ghost_routed"):
+        r = res[name]
+        flops = res["meta"]["train_flops_per_token"] * res["meta"]["batch_size"] * res["meta"]["seq_len"]
+        assert r["mfu"] == pytest.approx(flops / r["step_s"] / 1e12)
+    assert "MFU" in capsys.readouterr().out
