@@ -30,6 +30,14 @@ def test_train_flops_per_token_counts_active_parameters(activation, tie, moe_eve
 
 
 def test_bench_runs_and_reports_mfu(tmp_path, capsys):
+    """Also: the caller's logging level and thread count are left as they were (a leaked
+    WARNING level on lightning.pytorch hid the data summary from later tests)."""
+    import logging
+
+    import torch
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level, threads = lightning_log.level, torch.get_num_threads()
     out = tmp_path / "bench.json"
     main(["--config", str(SMOKE), "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1",
           "--variants", "plain", "ghost_routed", "--peak-tflops", "1", "--json", str(out)])
@@ -40,3 +48,4 @@ def test_bench_runs_and_reports_mfu(tmp_path, capsys):
         flops = res["meta"]["train_flops_per_token"] * res["meta"]["batch_size"] * res["meta"]["seq_len"]
         assert r["mfu"] == pytest.approx(flops / r["step_s"] / 1e12)
     assert "MFU" in capsys.readouterr().out
+    assert (lightning_log.level, torch.get_num_threads()) == (level, threads)

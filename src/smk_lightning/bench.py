@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--config {args.config} does not exist; pass a YAML from configs/")
     if args.steps < 1:
         ap.error(f"--steps {args.steps} must be >= 1")
+    threads = torch.get_num_threads()
     if args.threads is not None:
         if args.threads < 1:
             ap.error(f"--threads {args.threads} must be >= 1")
@@ -233,50 +234,56 @@ def main(argv: list[str] | None = None) -> None:
         args.variants.insert(0, "plain")
     import logging
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    batches = random_batches(args.warmup + args.steps, batch_size, seq_len, model_cfg.vocab_size)
-    modules = {name: build_module(name, model_cfg, optim, vmap_chunk) for name in args.variants}
-    times: dict[str, list[float]] = {name: [] for name in args.variants}
-    for r in range(args.rounds):
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # every short fit would print its banner
+    try:
+        batches = random_batches(args.warmup + args.steps, batch_size, seq_len, model_cfg.vocab_size)
+        modules = {name: build_module(name, model_cfg, optim, vmap_chunk) for name in args.variants}
+        times: dict[str, list[float]] = {name: [] for name in args.variants}
+        for r in range(args.rounds):
+            for name in args.variants:
+                if name.startswith("vmap") and r > 0:
+                    continue
+                ts = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
+                times[name] += ts
+                print(f"  round {r + 1}/{args.rounds} {name:14s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)
+        # After the timed rounds: the optimizer state exists, so on CPU the heap growth is the
+        # step's working set (activations, gradients, statistics).
+        peaks = {name: peak_memory_mb(modules[name], batches, batch_size, precision, device) for name in args.variants}
+        tokens = batch_size * seq_len
+        results = {name: {"step_s": statistics.median(times[name]), "tokens_per_s": tokens / statistics.median(times[name]),
+                          "peak_mb": peaks[name]} for name in args.variants}
+        base = results["plain"]["step_s"]
+        results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
+        n_params = sum(p.numel() for p in SMKModule(model=model_cfg).parameters())
+        peak = args.peak_tflops
+        if peak is None and device.type == "cuda" and "bf16" in precision:
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        # MFU of every variant against the plain step's model FLOPs (what the model computes;
+        # statistics are overhead), so it falls as the ratio to plain rises.
+        flops = train_flops_per_token(model_cfg, seq_len) * tokens
         for name in args.variants:
-            if name.startswith("vmap") and r > 0:
-                continue
-            ts = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
-            times[name] += ts
-            print(f"  round {r + 1}/{args.rounds} {name:14s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)
-    # After the timed rounds: the optimizer state exists, so on CPU the heap growth is the
-    # step's working set (activations, gradients, statistics).
-    peaks = {name: peak_memory_mb(modules[name], batches, batch_size, precision, device) for name in args.variants}
-    tokens = batch_size * seq_len
-    results = {name: {"step_s": statistics.median(times[name]), "tokens_per_s": tokens / statistics.median(times[name]),
-                      "peak_mb": peaks[name]} for name in args.variants}
-    base = results["plain"]["step_s"]
-    results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
-    n_params = sum(p.numel() for p in SMKModule(model=model_cfg).parameters())
-    peak = args.peak_tflops
-    if peak is None and device.type == "cuda" and "bf16" in precision:
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    # MFU of every variant against the plain step's model FLOPs (what the model computes;
-    # statistics are overhead), so it falls as the ratio to plain rises.
-    flops = train_flops_per_token(model_cfg, seq_len) * tokens
-    for name in args.variants:
-        results[name]["mfu"] = flops / results[name]["step_s"] / (peak * 1e12) if peak else None
-    results["meta"] = {"config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-                       "precision": precision, "batch_size": batch_size, "seq_len": seq_len, "params": n_params,
-                       "expert_impl": model_cfg.expert_impl,
-                       "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
-                       "train_flops_per_token": flops / tokens, "peak_tflops": peak}
-    print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, "
-          f"{n_params / 1e6:.1f} M params, expert_impl {model_cfg.expert_impl} (plain_loop: loop)")
-    print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'peak MB':>9s} {'MFU':>6s}")
-    for name in args.variants:
-        r = results[name]
-        mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     —"
-        print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {results['ratios'][name]:8.2f} "
-              f"{r['peak_mb']:9.0f} {mfu}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+            results[name]["mfu"] = flops / results[name]["step_s"] / (peak * 1e12) if peak else None
+        results["meta"] = {"config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+                           "precision": precision, "batch_size": batch_size, "seq_len": seq_len, "params": n_params,
+                           "expert_impl": model_cfg.expert_impl,
+                           "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
+                           "train_flops_per_token": flops / tokens, "peak_tflops": peak}
+        print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, "
+              f"{n_params / 1e6:.1f} M params, expert_impl {model_cfg.expert_impl} (plain_loop: loop)")
+        print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'peak MB':>9s} {'MFU':>6s}")
+        for name in args.variants:
+            r = results[name]
+            mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     —"
+            print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {results['ratios'][name]:8.2f} "
+                  f"{r['peak_mb']:9.0f} {mfu}")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    finally:
+        lightning_log.setLevel(level)  # a caller (a test, a notebook) keeps its logging and threads
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
