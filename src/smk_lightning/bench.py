@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from smk_lightning.model import ModelConfig
+from smk_lightning.model import ModelConfig, MoELayer, MoETransformer
 from smk_lightning.module import SMKModule
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 
@@ -127,9 +127,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Model FLOPs of one trained token (PaLM's MFU convention): 6 × the parameters a token
     passes through (an MoE layer's experts count top_k/E; the token embedding is a lookup,
     so only its use as the tied head counts) + 12 × layers × d_model × seq_len (attention)."""
-    from smk_lightning.model.moe import MoELayer
-    from smk_lightning.model.transformer import MoETransformer
-
     with torch.device("meta"):
         model = MoETransformer(cfg)
     moe = [m for m in model.modules() if isinstance(m, MoELayer)]

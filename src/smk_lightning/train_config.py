@@ -10,7 +10,7 @@ from typing import Literal
 
 from smk_lightning.errors import ConfigError
 from smk_lightning.stats.scopes import check_probe_fraction, check_scope
-from smk_lightning.stats.vmap import DEFAULT_CHUNK_SIZE
+from smk_lightning.stats.vmap import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 
 @dataclass
@@ -71,10 +71,9 @@ class StatsConfig:
             get_engine(self.engine)
             check_scope(self.scope, self.probe_fraction)
             check_probe_fraction(self.probe_fraction)  # a bad share is bad whatever the scope
+            check_chunk_size(self.vmap_chunk_size)
         except ValueError as e:  # the stats package raises plain ValueError for programmatic use
             raise ConfigError(str(e)) from None
-        if self.vmap_chunk_size < 1:
-            raise ConfigError(f"stats.vmap_chunk_size={self.vmap_chunk_size} must be >= 1; use e.g. {DEFAULT_CHUNK_SIZE}")
         if self.every_n_steps < 1:
             raise ConfigError(f"stats.every_n_steps={self.every_n_steps} must be >= 1")
 

@@ -34,8 +34,6 @@ def _no_reduce(t: Tensor) -> Tensor:
     return t
 
 
-
-
 def _zscore(M_NE: Tensor, mask_NE: Tensor, dim: int | None, all_reduce: AllReduce) -> Tensor:
     """(M − mean) / std over the defined entries: all of them (dim None) or per column (dim 0)."""
     dims = (0, 1) if dim is None else (dim,)

@@ -162,6 +162,12 @@ def route(logits_NE: Tensor, top_k: int, renormalize: bool,
     return probs_NE, topw_NK, topi_NK
 
 
+def check_expert_impl(impl: str, prefix: str = "") -> None:
+    """The one check of the expert path name (the config and the layer both call it)."""
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"{prefix}expert_impl={impl!r} is not supported; use one of {EXPERT_IMPLS}")
+
+
 def check_top_k(top_k: int, num_experts: int, prefix: str = "") -> None:
     """The one check of top_k (the config and the layer both call it)."""
     if not 1 <= top_k <= num_experts:
@@ -202,8 +208,7 @@ class MoELayer(nn.Module):
         expert_impl: str = "auto",
     ) -> None:
         super().__init__()
-        if expert_impl not in EXPERT_IMPLS:
-            raise ValueError(f"expert_impl={expert_impl!r} is not supported; use one of {EXPERT_IMPLS}")
+        check_expert_impl(expert_impl)
         self.kind = get_expert_kind(activation)
         check_top_k(top_k, num_experts)
         self.d_model, self.d_ff = d_model, d_ff

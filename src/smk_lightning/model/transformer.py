@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from smk_lightning.errors import ConfigError
 from smk_lightning.model.experts import get_expert_kind
-from smk_lightning.model.moe import EXPERT_IMPLS, MoELayer, check_top_k
+from smk_lightning.model.moe import MoELayer, check_expert_impl, check_top_k
 
 
 @dataclass
@@ -73,10 +73,9 @@ class ModelConfig:
             )
         try:
             check_top_k(self.top_k, self.num_experts, prefix="model.")
+            check_expert_impl(self.expert_impl, prefix="model.")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.expert_impl not in EXPERT_IMPLS:
-            raise ConfigError(f"model.expert_impl={self.expert_impl!r} is not supported; use one of {EXPERT_IMPLS}")
         if self.compile:
             # tests/test_bad_input.py::test_compile_still_breaks_the_capture checks this reason
             # against the installed torch; when it fails there, compile can be supported.

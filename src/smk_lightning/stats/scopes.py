@@ -42,14 +42,6 @@ def probe_index(n: int, probe_fraction: float, generator: torch.Generator | None
     return rows_R.to(device)
 
 
-def probe_rows(n: int, probe_fraction: float, generator: torch.Generator | None,
-               device: torch.device) -> Tensor:
-    """A random ``probe_fraction`` share of the n rows (at least one), as a bool mask [N]."""
-    rows_N = torch.zeros(n, dtype=torch.bool, device=device)
-    rows_N[probe_index(n, probe_fraction, generator, device)] = True
-    return rows_N
-
-
 def scope_mask(topi_NK: Tensor, num_experts: int, scope: str, probe_fraction: float | None = None,
                generator: torch.Generator | None = None, rows_R: Tensor | None = None) -> Tensor:
     """Defined entries [N, E]: routed pairs, every pair, or routed plus dense probe rows

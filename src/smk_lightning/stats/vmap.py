@@ -22,6 +22,12 @@ from smk_lightning.model.moe import MoELayer
 DEFAULT_CHUNK_SIZE = 64  # the default of ``stats.vmap_chunk_size``
 
 
+def check_chunk_size(chunk_size: int) -> None:
+    """The one check of the chunk size (the engine and the config both call it)."""
+    if chunk_size < 1:
+        raise ValueError(f"stats.vmap_chunk_size={chunk_size} must be >= 1; use e.g. {DEFAULT_CHUNK_SIZE}")
+
+
 def _pair_norms(kind: ExpertKind, params: tuple[Tensor, ...], x_D: Tensor, g_D: Tensor) -> tuple[Tensor, Tensor]:
     """(‖f(x)‖, ‖∇_θ ⟨g, f(x; θ)⟩‖) for one token and one expert."""
     grads = grad(lambda p: (kind.forward(p, x_D) * g_D).sum())(params)
@@ -32,8 +38,7 @@ def _pair_norms(kind: ExpertKind, params: tuple[Tensor, ...], x_D: Tensor, g_D: 
 def vmap_stats(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, mask_NE: Tensor,
                M_A: Tensor, M_G: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
     """Fill the entries of ``M_A``/``M_G`` [N, E] where ``mask_NE`` is set."""
-    if chunk_size < 1:
-        raise ValueError(f"vmap chunk_size={chunk_size} must be >= 1 (stats.vmap_chunk_size)")
+    check_chunk_size(chunk_size)
     dt = M_A.dtype
     x_ND, g_ND = x_ND.detach().to(dt), g_ND.detach().to(dt)
     pair = partial(_pair_norms, layer.kind)
