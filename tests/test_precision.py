@@ -84,12 +84,9 @@ def test_pairs_with_vanishing_weight_are_recomputed_exactly():
     torch.testing.assert_close(M_G, ref_G, rtol=1e-4, atol=0)
 
 
-def test_vanishing_weight_fixups_across_layers_are_decided_together(monkeypatch):
-    """StatsCapture.stats reads every layer's lost-pair flag in one host read (run_pending);
-    only the layer that has such pairs recomputes them, and both layers equal the loop."""
-    import smk_lightning.stats.step as step_mod
-    from smk_lightning.stats import StatsCapture
-
+def _lost_and_fine_layers():
+    """Layer ``lost``: every expert selected with raw probabilities, expert 2's ≈ e^-60 on
+    every token (16 lost pairs); layer ``fine``: an ordinary top-2 layer."""
     torch.manual_seed(0)
     lost = MoELayer(8, 12, 3, 3, renormalize=False)
     with torch.no_grad():
@@ -98,21 +95,54 @@ def test_vanishing_weight_fixups_across_layers_are_decided_together(monkeypatch)
     fine = MoELayer(8, 12, 3, 2)
     x = torch.randn(16, 8)
     x[:, 0] = 1.0
-    g1, g2 = torch.randn(16, 8), torch.randn(16, 8)
-    reads = []
-    real = step_mod.run_pending
-    monkeypatch.setattr(step_mod, "run_pending", lambda pending: (reads.append(len(pending)), real(pending)))
-    import smk_lightning.stats.capture as capture_mod
-    monkeypatch.setattr(capture_mod, "run_pending", step_mod.run_pending)
-    with StatsCapture({"lost": lost, "fine": fine}) as cap:
-        ((lost(x) * g1).sum() + (fine(x) * g2).sum()).backward()
+    return {"lost": lost, "fine": fine}, x, (torch.randn(16, 8), torch.randn(16, 8))
+
+
+@pytest.mark.parametrize("scope", ["routed", "probe"])
+def test_vanishing_weight_fixups_need_no_host_sync(scope):
+    """Lost pairs (within the recompute budget) are recomputed without any op that syncs on a
+    GPU; both layers equal the loop, and nothing is dropped."""
+    from smk_lightning.stats import StatsCapture
+    from tests.syncs import HostSyncs
+
+    layers, x, (g1, g2) = _lost_and_fine_layers()
+    with StatsCapture(layers) as cap:
+        ((layers["lost"](x) * g1).sum() + (layers["fine"](x) * g2).sum()).backward()
         cap.set_grad_scale(1.0)
-        out = cap.stats(ENGINES["ghost"], "routed", None, lambda i: None)
-    assert reads == [2]  # one decision over both layers' flags
-    for (name, layer), g in zip((("lost", lost), ("fine", fine)), (g1, g2)):
-        ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="routed")
-        torch.testing.assert_close(out[name][0], ref_A, rtol=1e-4, atol=0, equal_nan=True)
-        torch.testing.assert_close(out[name][1], ref_G, rtol=1e-4, atol=0, equal_nan=True)
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        with HostSyncs() as syncs:
+            out = cap.stats(ENGINES["ghost"], scope, 0.25, lambda i: gens[i])
+            dropped = cap.dropped_pairs()
+    assert syncs.hits == []
+    assert int(dropped) == 0
+    for (name, layer), g in zip(layers.items(), (g1, g2)):
+        M_A, M_G, mask = out[name]
+        ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="dense")
+        nan = torch.tensor(float("nan"))
+        torch.testing.assert_close(M_A, torch.where(mask, ref_A, nan), rtol=1e-4, atol=0, equal_nan=True)
+        torch.testing.assert_close(M_G, torch.where(mask, ref_G, nan), rtol=1e-4, atol=0, equal_nan=True)
+
+
+def test_lost_pairs_beyond_the_budget_are_dropped_and_counted(monkeypatch):
+    """Beyond ``LOST_PAIR_BUDGET`` a lost pair is left out: its mask entry is cleared, its M_G
+    is NaN, it is counted; every other pair still equals the loop."""
+    import smk_lightning.stats.ghost as ghost_mod
+
+    monkeypatch.setattr(ghost_mod, "LOST_PAIR_BUDGET", 5)
+    layers, x, (g, _) = _lost_and_fine_layers()
+    layer = layers["lost"]
+    layer.capture_stats = True
+    (layer(x) * g).sum().backward()
+    layer.capture.grad_scale = 1.0
+    M_A, M_G, mask = step_stats(layer, ENGINES["ghost"], "routed")
+    dropped = layer.capture.dropped_pairs
+    layer.capture_stats = False
+    assert int(dropped) == 11  # 16 lost pairs, 5 recomputed
+    assert int((~mask[:, 2]).sum()) == 11 and bool(mask[:, :2].all())
+    assert bool(M_G[~mask].isnan().all())
+    ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="routed")
+    torch.testing.assert_close(M_G[mask], ref_G[mask], rtol=1e-4, atol=0)
+    torch.testing.assert_close(M_A[mask], ref_A[mask], rtol=1e-4, atol=0)
 
 
 # -- the whole training step under the trainer's precision (docs/design.md, precision) ----------------

@@ -51,6 +51,7 @@ from smk_lightning.losses import (
     switch_aux_loss,
 )
 from smk_lightning.model import ModelConfig, MoETransformer
+from smk_lightning.model.moe import expert_counts
 from smk_lightning.model.precision import to_acc
 from smk_lightning.stats import StatsCapture, get_engine, probe_generator
 from smk_lightning.stats.capture import TRAIN_STREAM, VAL_STREAM
@@ -103,6 +104,7 @@ class SMKModule(L.LightningModule):
         self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_parameters() if ".router." in n]
         self.val_ppl = Perplexity()
         self._warned_trivial = False
+        self._warned_dropped = False
         # Per-step results read by the callbacks: filled only on a micro-batch that computed
         # statistics (empty otherwise, never touched by validation).
         self.step_stats: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -226,7 +228,7 @@ class SMKModule(L.LightningModule):
                      and self.global_step % self.stats_cfg.every_n_steps == 0)
         self._warn_if_trivial()
         self.step_stats, self._step_targets = {}, {}
-        smk = None
+        smk, dropped = None, None
         capture = StatsCapture(self.moe_layers) if stats_now else nullcontext()
         try:
             with capture:
@@ -242,6 +244,7 @@ class SMKModule(L.LightningModule):
                     capture.set_grad_scale((batch["targets"] != -1).sum(), accum, loss_scale)
                     self.step_stats, self._step_targets, smk = self._stats_and_targets(
                         capture, TRAIN_STREAM, self.global_step, self._micro)
+                    dropped = capture.dropped_pairs()
                     if smk is not None:
                         # × world size: the routers' gradients are averaged over ranks below, and
                         # smk is this rank's share of the global mean; × loss_scale: the same
@@ -257,7 +260,8 @@ class SMKModule(L.LightningModule):
         self.step_boundary = last
         self._micro = 0 if last else self._micro + 1
         self._add_step_logs({"train/loss": loss, "train/aux_loss": aux, "train/z_loss": z}
-                            | ({"train/smk_loss": smk * world_size()} if smk is not None else {}))
+                            | ({"train/smk_loss": smk * world_size()} if smk is not None else {})
+                            | ({"train/stats_dropped_pairs": dropped.float()} if dropped is not None else {}))
         if last:
             self._optimizer_step(opt)
             self._log_step()
@@ -275,9 +279,25 @@ class SMKModule(L.LightningModule):
         logs, self._step_logs = self._step_logs, {}
         for key, (total, n) in logs.items():
             self.log(key, total / n, prog_bar=key in ("train/loss", "train/smk_loss"))
+        self._warn_if_dropped(logs.get("train/stats_dropped_pairs"))
         self.log("train/skipped_steps", float(self.skipped_steps))
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("step", float(self.global_step))
+
+    def _warn_if_dropped(self, dropped: tuple[Tensor, int] | None) -> None:
+        """Once per run: say so when the statistics left routed pairs out (``ghost_step``).
+        Read only on the steps Lightning logs (it reads the logged values then too)."""
+        if (dropped is None or self._warned_dropped or not self._trainer
+                or self.global_step % max(1, self.trainer.log_every_n_steps)):
+            return
+        if float(dropped[0]) > 0:  # HOST SYNC, logging steps only
+            self._warned_dropped = True
+            warnings.warn(
+                f"step {self.global_step}: the statistics left {float(dropped[0]):.0f} routed pairs out "
+                f"(combine weight below 1e-19, more than stats.ghost.LOST_PAIR_BUDGET per layer): the router is "
+                "extremely confident; see train/stats_dropped_pairs, and consider router.z_loss_weight > 0",
+                stacklevel=2,
+            )
 
     def _router_backward(self, loss: Tensor) -> None:
         """Add ∂loss/∂router to the routers' ``.grad`` without a DDP backward."""
@@ -291,7 +311,7 @@ class SMKModule(L.LightningModule):
         """Aux-free balancing: add this micro-batch's expert loads (all MoE layers)."""
         if not self.auxfree:
             return
-        load_LE = torch.stack([torch.bincount(layer.last_topi_NK.reshape(-1), minlength=layer.num_experts)
+        load_LE = torch.stack([expert_counts(layer.last_topi_NK, layer.num_experts)
                                for layer in self.moe_layers.values()])
         self._load_LE = load_LE if self._load_LE is None else self._load_LE + load_LE
 

@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from smk_lightning.callbacks.figures import close, heatmap
+from smk_lightning.model.moe import expert_counts
 
 
 def normalized_mutual_info(counts_XY: np.ndarray) -> float:
@@ -164,9 +165,7 @@ class RouterMonitor(L.Callback):
         for lname, layer in pl_module.moe_layers.items():
             if layer.last_topi_NK is None:
                 continue
-            topi_P = layer.last_topi_NK.reshape(-1)
-            load_E = torch.zeros(layer.num_experts, dtype=torch.long, device=topi_P.device)
-            load_E.scatter_add_(0, topi_P, torch.ones_like(topi_P))  # not bincount: a host read on CUDA
+            load_E = expert_counts(layer.last_topi_NK, layer.num_experts)
             self._load[lname] = self._load[lname] + load_E if lname in self._load else load_E
             p = layer.last_probs_NE.float()
             ents.append(-(torch.xlogy(p, p)).sum(-1).mean())

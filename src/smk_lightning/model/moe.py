@@ -126,6 +126,7 @@ class Capture:
     grad_scale: float | Tensor = 1.0  # multiplies the captured gradients (→ ∂L_sum/∂o, docs/design.md)
     grad_ND: Tensor | None = None  # ∂L/∂o, caught by the output hook (unscaled)
     expected: tuple[str, ...] = ()  # hooks that must fire in the backward
+    dropped_pairs: Tensor | None = None  # set by the statistics (stats.ghost.ghost_step)
     fired: set[str] = field(default_factory=set)
 
     def missing_hooks(self) -> list[str]:
@@ -175,14 +176,18 @@ def check_top_k(top_k: int, num_experts: int, prefix: str = "") -> None:
                          "lower top_k or add experts")
 
 
+def expert_counts(idx: Tensor, num_experts: int) -> Tensor:
+    """How often each expert occurs in ``idx`` (any shape): int64 ``[E]`` on its device.
+    scatter_add_, not bincount: CUDA bincount reads the input's max on the host (a sync)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def sort_pairs(topi_NK: Tensor, num_experts: int) -> Routing:
     """Sort the N·K (token, slot) pairs by expert; token of sorted pair p is order_P[p] // K."""
     flat_P = topi_NK.reshape(-1)
     order_P = flat_P.argsort(stable=True)
-    # scatter_add_, not bincount: CUDA bincount reads the input's max on the host (a sync).
-    counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_P.device)
-    counts_E.scatter_add_(0, flat_P, torch.ones_like(flat_P))
-    return Routing(topi_NK=topi_NK, order_P=order_P, counts_E=counts_E)
+    return Routing(topi_NK=topi_NK, order_P=order_P, counts_E=expert_counts(flat_P, num_experts))
 
 
 class MoELayer(nn.Module):

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from smk_lightning.model.moe import MoELayer
 from smk_lightning.stats.engines import Engine
-from smk_lightning.stats.step import run_pending, step_stats
+from smk_lightning.stats.step import step_stats
 
 # Streams of probe draws: training and validation never share one (docs/design.md, randomness).
 TRAIN_STREAM, VAL_STREAM = 0, 1
@@ -90,9 +90,13 @@ class StatsCapture:
         """{name: (M_A, M_G, mask)} per layer (``step_stats`` runs with autocast off);
         ``generator_of(i)`` gives the probe generator of the i-th MoE layer."""
         self.check()
-        pending: list = []  # every layer's rare-case fix-ups, decided by one host read below
-        out = {name: step_stats(layer, engine, scope, probe_fraction, generator_of(i) if scope == "probe" else None,
-                                pending=pending)
-               for i, (name, layer) in enumerate(self.layers.items())}
-        run_pending(pending)
-        return out
+        return {name: step_stats(layer, engine, scope, probe_fraction, generator_of(i) if scope == "probe" else None)
+                for i, (name, layer) in enumerate(self.layers.items())}
+
+    def dropped_pairs(self) -> Tensor | None:
+        """Routed pairs of all layers left out of this step's statistics (``ghost_step``: a
+        weight too small to divide out, beyond the recompute budget), as a device tensor; None
+        when ``stats()`` has not run or its engine drops none."""
+        counts = [layer.capture.dropped_pairs for layer in self.layers.values()
+                  if layer.capture is not None and layer.capture.dropped_pairs is not None]
+        return torch.stack(counts).sum() if counts else None

@@ -15,6 +15,7 @@ second for the rest. ``ghost_step`` fills a training step's statistics from the 
 capture: routed pairs need no new matmul (the forward kept ‖y‖ and ‖h‖², hooks kept the
 row norms of the backward's own gradients of y and the pre-activations; see
 ``smk_lightning.model.moe.Capture``), and dense / probe rows go through ``ghost_dense_rows``.
+Its shapes depend only on N, E, k and ρ, and it reads nothing on the host.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smk_lightning.model.moe import Capture, ExpertGroups, MoELayer, resolve_expert_impl
+from smk_lightning.model.moe import Capture, ExpertGroups, MoELayer, expert_counts, resolve_expert_impl
 from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 
 # Elements of one [rows, E, F] intermediate of ghost_dense_rows, by device type (about five
@@ -31,6 +32,9 @@ from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 # N=2048, E=8, F=256: 2^20 vs 2^24 elements → 96 vs 153 ms dense, 24 vs 29 ms probe 0.25);
 # elsewhere (GPU): 64 MB, a few large kernels with bounded memory.
 DENSE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "default": 1 << 24}
+# Routed pairs per layer and step whose M_G can be recomputed when their combine weight is
+# too small to divide out (``_fix_lost_pairs``): a fixed count, so the step has no host sync.
+LOST_PAIR_BUDGET = 32
 
 
 @torch.no_grad()
@@ -52,8 +56,7 @@ def ghost_pairs(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, tok_Q: Tensor, exp_
                 dt: torch.dtype) -> tuple[Tensor, Tensor]:
     """(M_A, M_G) ``[Q]`` of the pairs (token tok_Q[q], expert exp_Q[q]), in dtype ``dt``."""
     order_Q = exp_Q.argsort(stable=True)
-    counts_E = torch.zeros(layer.num_experts, dtype=torch.long, device=exp_Q.device)
-    counts_E.scatter_add_(0, exp_Q, torch.ones_like(exp_Q))
+    counts_E = expert_counts(exp_Q, layer.num_experts)
     grouped = resolve_expert_impl("auto", dt, layer.d_model, layer.d_ff) and len(exp_Q) > 0
     groups = ExpertGroups.of(counts_E, grouped)
     tok_sorted_Q = tok_Q[order_Q]
@@ -85,11 +88,12 @@ def ghost_stats(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, mask_NE: Tensor,
 
 @torch.no_grad()
 def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: Tensor | None,
-               M_A: Tensor, M_G: Tensor, pending: list) -> None:
+               M_A: Tensor, M_G: Tensor, mask_NE: Tensor) -> Tensor:
     """Fill ``M_A``/``M_G`` [N, E] of a training step in ``scope`` from the layer's capture
-    (``g_ND`` = ∂L_sum/∂o; ``rows_R``: the probe rows in scope 'probe'). Pairs whose combine
-    weight is too small to divide out are recomputed by a fix-up appended to ``pending``
-    (``step.run_pending`` runs it if any such pair exists)."""
+    (``g_ND`` = ∂L_sum/∂o; ``rows_R``: the probe rows in scope 'probe'), with static shapes
+    and no host sync. Returns the number of routed pairs (0-d, on the device) whose M_G
+    could not be computed: lost pairs beyond ``LOST_PAIR_BUDGET`` (see below); they are
+    cleared from ``mask_NE`` and their M_G is NaN."""
     routing, dt = cap.routing, M_A.dtype
     # Dense or probe rows first, every expert at once (their routed entries are then
     # overwritten by the captured values below; routed scope has no such rows).
@@ -107,17 +111,41 @@ def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: 
     xsq_P = cap.x_ND.to(dt).square().sum(-1)[tok_P]
     inner_P = cap.gysq_P.to(dt) * cap.hsq_P.to(dt) + (cap.gusq_P.to(dt) + cap.gvsq_P.to(dt)) * xsq_P
     mg_P = inner_P.sqrt() * (cap.grad_scale / w_P)
-    # A pair whose weight is (nearly) zero got (nearly) no gradient: its M_G is recomputed exactly.
-    lost_P = w_P < torch.finfo(dt).tiny ** 0.5
-    if scope == "dense":  # already recomputed above: keep that value, no sync
-        mg_P = torch.where(lost_P, M_G[tok_P, exp_P], mg_P)
     M_A[tok_P, exp_P] = cap.ma_P.to(dt)
-    M_G[tok_P, exp_P] = mg_P
-    # Lost pairs are rare, and recomputing all P pairs to avoid reading this flag would cost
-    # as much as the forward's experts: the caller reads every layer's flag in one host sync.
+    # A pair whose weight is (nearly) zero got (nearly) no gradient ("lost"): its M_G cannot
+    # be divided out. On a dense or probe row it was just computed from scratch: keep that.
+    lost_P = w_P < torch.finfo(dt).tiny ** 0.5
+    if scope == "dense":
+        exact_P = torch.ones_like(lost_P)
+    elif scope == "probe":
+        exact_P = torch.zeros(len(cap.x_ND), dtype=torch.bool, device=lost_P.device).index_fill_(0, rows_R, True)[tok_P]
+    else:
+        exact_P = torch.zeros_like(lost_P)
+    mg_P = torch.where(lost_P & exact_P, M_G[tok_P, exp_P], mg_P)
+    left_P = torch.zeros_like(lost_P)
     if scope != "dense":
-        def fix() -> None:
-            tok_Q, exp_Q = tok_P[lost_P], exp_P[lost_P]  # boolean indexing: a host sync (rare case only)
-            M_A[tok_Q, exp_Q], M_G[tok_Q, exp_Q] = ghost_pairs(layer, cap.x_ND, g_ND, tok_Q, exp_Q, dt)
+        mg_P, left_P = _fix_lost_pairs(layer, cap.x_ND, g_ND, tok_P, exp_P, w_P, lost_P & ~exact_P, mg_P)
+    M_G[tok_P, exp_P] = torch.where(left_P, float("nan"), mg_P)
+    mask_NE[tok_P, exp_P] = mask_NE[tok_P, exp_P] & ~left_P
+    return left_P.sum()
 
-        pending.append((lost_P.any(), fix))
+
+@torch.no_grad()
+def _fix_lost_pairs(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, tok_P: Tensor, exp_P: Tensor, w_P: Tensor,
+                    lost_P: Tensor, mg_P: Tensor) -> tuple[Tensor, Tensor]:
+    """(M_G with the lost pairs recomputed, the lost pairs left over) ``[P]``.
+
+    Recomputing every pair to avoid knowing which are lost would cost as much as the
+    forward's experts, and finding them out is a host sync. Instead the
+    ``LOST_PAIR_BUDGET`` lost pairs of smallest weight are recomputed — every expert on
+    their tokens (``ghost_dense_rows``), then the pair's own — a fixed count, so no shape
+    depends on the data. Lost pairs are rare (weights below 1e-19 in float32: a router
+    logit gap of about 44); any beyond the budget are returned as left over."""
+    C = min(len(w_P), LOST_PAIR_BUDGET)
+    if C == 0:
+        return mg_P, lost_P
+    fix_C = torch.where(lost_P, w_P, float("inf")).topk(C, largest=False).indices
+    _, mg_CE = ghost_dense_rows(layer, x_ND[tok_P[fix_C]], g_ND[tok_P[fix_C]], mg_P.dtype)
+    mg_C = mg_CE.gather(1, exp_P[fix_C].unsqueeze(1)).squeeze(1)
+    mg_P = mg_P.index_copy(0, fix_C, torch.where(lost_P[fix_C], mg_C, mg_P[fix_C]))
+    return mg_P, lost_P.index_fill(0, fix_C, False)

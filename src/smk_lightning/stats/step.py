@@ -5,9 +5,9 @@ An engine that declares ``from_capture`` (ghost: ``stats.ghost.ghost_step``) fil
 step from the capture itself; the others recompute everything from the captured input
 and gradient. The probe rows are a fixed count round(ρN), so every shape is static.
 
-Host syncs: one per step for all layers together (``run_pending``: ghost's flag of pairs
-whose combine weight is too small to divide out, routed/probe scope; see ``ghost_step``).
-The probe rows are drawn on the CPU and copied to the device without a sync.
+Host syncs: none with the ghost engine (``ghost_step`` has static shapes; the probe rows
+are drawn on the CPU and copied to the device without a sync). The vmap and loop engines
+select their pairs with ``nonzero`` (a sync per layer).
 """
 
 from __future__ import annotations
@@ -23,13 +23,10 @@ from smk_lightning.stats.scopes import probe_index, scope_mask
 
 @torch.no_grad()
 def step_stats(layer: MoELayer, engine: Engine, scope: str, probe_fraction: float | None = None,
-               generator: torch.Generator | None = None, pending: list | None = None) -> tuple[Tensor, Tensor, Tensor]:
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(M_A, M_G, mask) ``[N, E]`` for the layer's captured step; ``engine`` is an
-    ``Engine``; one that declares ``from_capture`` (ghost) is given the capture.
-
-    ``pending``: a list to which the rare-case fix-ups are appended as ``(flag, fix)`` instead
-    of being decided here (``run_pending`` decides every layer's with one host read); without
-    it, they are decided at once (one host read per layer)."""
+    ``Engine``; one that declares ``from_capture`` (ghost) is given the capture, and the
+    count of pairs it had to leave out of ``mask`` is kept in ``capture.dropped_pairs``."""
     cap = layer.capture
     if cap is None or cap.missing_hooks():
         raise RuntimeError(
@@ -39,24 +36,11 @@ def step_stats(layer: MoELayer, engine: Engine, scope: str, probe_fraction: floa
             "then call step_stats"
         )
     with torch.autocast(cap.x_ND.device.type, enabled=False):  # docs/design.md: float32 or wider
-        mine: list = [] if pending is None else pending
-        out = _step_stats(layer, cap, engine, scope, probe_fraction, generator, mine)
-        if pending is None:
-            run_pending(mine)
-        return out
-
-
-def run_pending(pending: list) -> None:
-    """Run the fix-ups ``(flag, fix)`` whose flag is set. HOST SYNC: one read for all of them
-    (``fix`` may read more, only when a flag is set — rare)."""
-    if pending and bool(torch.stack([flag for flag, _ in pending]).any()):
-        for flag, fix in pending:
-            if flag:
-                fix()
+        return _step_stats(layer, cap, engine, scope, probe_fraction, generator)
 
 
 def _step_stats(layer: MoELayer, cap, engine: Engine, scope: str, probe_fraction: float | None,
-                generator: torch.Generator | None, pending: list) -> tuple[Tensor, Tensor, Tensor]:
+                generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
     routing, E = cap.routing, layer.num_experts
     N = routing.topi_NK.shape[0]
     rows_R = probe_index(N, probe_fraction, generator, cap.x_ND.device) if scope == "probe" else None
@@ -66,7 +50,7 @@ def _step_stats(layer: MoELayer, cap, engine: Engine, scope: str, probe_fraction
     M_G = M_A.clone()
     g_ND = cap.grad_ND.to(dt) * cap.grad_scale  # ∂L_sum/∂o (docs/design.md)
     if engine.from_capture is not None:
-        engine.from_capture(layer, cap, g_ND, scope, rows_R, M_A, M_G, pending)
+        cap.dropped_pairs = engine.from_capture(layer, cap, g_ND, scope, rows_R, M_A, M_G, mask_NE)
     else:
         engine.fill(layer, cap.x_ND, g_ND, mask_NE, M_A, M_G)
     return M_A, M_G, mask_NE
