@@ -145,3 +145,24 @@ def test_step_stats_are_fresh_or_absent():
               enable_model_summary=False, callbacks=[seen], val_check_interval=1, limit_val_batches=1,
               accelerator="cpu").fit(module, datamodule=RandomDataModule())
     assert seen.seen == [(True, True, True), (False, False, True), (True, True, True), (False, False, True)]
+
+
+def test_dropped_pairs_are_logged_and_warned_once(monkeypatch):
+    """An extremely confident router (second choice's weight underflows) with no recompute
+    budget: the pairs left out of the statistics are logged as train/stats_dropped_pairs and
+    warned about, once."""
+    import smk_lightning.stats.ghost as ghost_mod
+
+    monkeypatch.setattr(ghost_mod, "LOST_PAIR_BUDGET", 0)
+    torch.manual_seed(0)
+    module = SMKModule(model=tiny_model(), stats=StatsConfig(scope="routed", val_batches=0),
+                       router=RouterConfig(loss="switch"))
+    with torch.no_grad():
+        for layer in module.moe_layers.values():
+            layer.router.weight.mul_(1e5)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="left .* routed pairs out") as seen:
+        trainer.fit(module, datamodule=RandomDataModule())
+    assert sum("routed pairs out" in str(w.message) for w in seen) == 1
+    assert float(trainer.callback_metrics["train/stats_dropped_pairs"]) > 0

@@ -3,10 +3,9 @@
 No autograd graph and no per-token gradient. Two batching schemes, neither loops over
 experts in Python:
 
-- ``ghost_dense_rows``: every expert on a set of rows, as wide GEMMs over all experts and
-  one batched matmul over ``[E, rows, ·]`` (``rules.ghost_rows_all_experts``; rows in
-  fixed-size chunks, so the intermediates stay bounded and the shapes depend only on the
-  row count);
+- ``ghost_dense_rows``: every expert on a set of rows, as batched matmuls over
+  ``[E, rows, ·]`` (``rules.ghost_rows_all_experts``; rows in fixed-size chunks, so the
+  intermediates stay bounded and the shapes depend only on the row count);
 - ``ghost_pairs``: arbitrary (token, expert) pairs, sorted by expert and multiplied like the
   layer's own forward (``ExpertGroups``: grouped GEMMs, or one matmul per expert in float64).
 
@@ -26,15 +25,16 @@ from torch import Tensor
 from smk_lightning.model.moe import Capture, ExpertGroups, MoELayer, expert_counts, resolve_expert_impl
 from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 
-# Elements of one [rows, E, F] intermediate of ghost_dense_rows, by device type (about five
+# Elements of one [E, rows, F] intermediate of ghost_dense_rows, by device type (about five
 # are alive at once); rows are processed in chunks of DENSE_CHUNK_ELEMENTS // (E·F).
 # CPU: 4 MB in float32, so a chunk's elementwise work stays in cache (measured, 1 thread,
 # N=2048, E=8, F=256: 2^20 vs 2^24 elements → 96 vs 153 ms dense, 24 vs 29 ms probe 0.25);
 # elsewhere (GPU): 64 MB, a few large kernels with bounded memory.
 DENSE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "default": 1 << 24}
-# Routed pairs per layer and step whose M_G can be recomputed when their combine weight is
-# too small to divide out (``_fix_lost_pairs``): a fixed count, so the step has no host sync.
-LOST_PAIR_BUDGET = 32
+# Routed pairs per layer and step whose M_G is recomputed when their combine weight is too
+# small to divide out (see ``ghost_step``): a fixed count, so the step has no host sync; it
+# costs one ``ghost_dense_rows`` call on this many rows (merged into the probe rows' call).
+LOST_PAIR_BUDGET = 16
 
 
 @torch.no_grad()
@@ -43,7 +43,8 @@ def ghost_dense_rows(layer: MoELayer, x_RD: Tensor, g_RD: Tensor, dt: torch.dtyp
     *w_in, w2_EFD = layer.expert_params(dt)
     x_RD, g_RD = x_RD.to(dt), g_RD.to(dt)
     budget = DENSE_CHUNK_ELEMENTS.get(x_RD.device.type, DENSE_CHUNK_ELEMENTS["default"])
-    chunk = max(1, budget // (layer.num_experts * layer.d_ff))
+    max_rows = max(1, budget // (layer.num_experts * layer.d_ff))
+    chunk = -(-len(x_RD) // -(-len(x_RD) // max_rows)) if len(x_RD) else 1  # equal chunks of ≤ max_rows
     parts = [ghost_rows_all_experts(layer.kind, x, g, tuple(w_in), w2_EFD)
              for x, g in zip(x_RD.split(chunk), g_RD.split(chunk))]
     if len(parts) == 1:
@@ -92,16 +93,9 @@ def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: 
     """Fill ``M_A``/``M_G`` [N, E] of a training step in ``scope`` from the layer's capture
     (``g_ND`` = ∂L_sum/∂o; ``rows_R``: the probe rows in scope 'probe'), with static shapes
     and no host sync. Returns the number of routed pairs (0-d, on the device) whose M_G
-    could not be computed: lost pairs beyond ``LOST_PAIR_BUDGET`` (see below); they are
+    could not be computed (lost pairs beyond ``LOST_PAIR_BUDGET``, see below); they are
     cleared from ``mask_NE`` and their M_G is NaN."""
     routing, dt = cap.routing, M_A.dtype
-    # Dense or probe rows first, every expert at once (their routed entries are then
-    # overwritten by the captured values below; routed scope has no such rows).
-    if scope == "dense":
-        M_A[:], M_G[:] = ghost_dense_rows(layer, cap.x_ND, g_ND, dt)
-    elif scope == "probe":
-        M_A[rows_R], M_G[rows_R] = ghost_dense_rows(layer, cap.x_ND[rows_R], g_ND[rows_R], dt)
-
     # Routed pairs: every factor of the closed form came out of the forward and the
     # normal backward; the backward's gradients carry the pair's combine weight w, which
     # is divided out here.
@@ -111,41 +105,37 @@ def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: 
     xsq_P = cap.x_ND.to(dt).square().sum(-1)[tok_P]
     inner_P = cap.gysq_P.to(dt) * cap.hsq_P.to(dt) + (cap.gusq_P.to(dt) + cap.gvsq_P.to(dt)) * xsq_P
     mg_P = inner_P.sqrt() * (cap.grad_scale / w_P)
-    M_A[tok_P, exp_P] = cap.ma_P.to(dt)
     # A pair whose weight is (nearly) zero got (nearly) no gradient ("lost"): its M_G cannot
-    # be divided out. On a dense or probe row it was just computed from scratch: keep that.
+    # be divided out. Lost pairs are rare (a weight below 1e-19 in float32 is a router logit
+    # gap of about 44), but which pairs are lost is only known on the device, and reading it
+    # would be a host sync: so every step recomputes a fixed number of pairs, the
+    # LOST_PAIR_BUDGET lost pairs of smallest weight, and any lost pair beyond that is left out.
     lost_P = w_P < torch.finfo(dt).tiny ** 0.5
-    if scope == "dense":
-        exact_P = torch.ones_like(lost_P)
-    elif scope == "probe":
-        exact_P = torch.zeros(len(cap.x_ND), dtype=torch.bool, device=lost_P.device).index_fill_(0, rows_R, True)[tok_P]
+    zero = torch.zeros((), dtype=torch.long, device=w_P.device)
+    if scope == "dense":  # every row from scratch, lost pairs included
+        M_A[:], M_G[:] = ghost_dense_rows(layer, cap.x_ND, g_ND, dt)
+        M_G[tok_P, exp_P] = torch.where(lost_P, M_G[tok_P, exp_P], mg_P)
+        M_A[tok_P, exp_P] = cap.ma_P.to(dt)
+        return zero
+    if scope == "probe":  # the probe rows from scratch: their lost pairs are exact already
+        on_probe_P = torch.zeros(len(cap.x_ND), dtype=torch.bool, device=w_P.device).index_fill_(0, rows_R, True)[tok_P]
+        todo_P = lost_P & ~on_probe_P
     else:
-        exact_P = torch.zeros_like(lost_P)
-    mg_P = torch.where(lost_P & exact_P, M_G[tok_P, exp_P], mg_P)
-    left_P = torch.zeros_like(lost_P)
-    if scope != "dense":
-        mg_P, left_P = _fix_lost_pairs(layer, cap.x_ND, g_ND, tok_P, exp_P, w_P, lost_P & ~exact_P, mg_P)
+        todo_P = lost_P
+    C = min(len(w_P), LOST_PAIR_BUDGET)
+    fix_C = torch.where(todo_P, w_P, float("inf")).topk(C, largest=False).indices
+    # One call for the probe rows and the tokens of the pairs to fix: every expert on each row.
+    rows = tok_P[fix_C] if scope != "probe" else torch.cat([rows_R, tok_P[fix_C]])
+    if len(rows):
+        ma_RE, mg_RE = ghost_dense_rows(layer, cap.x_ND[rows], g_ND[rows], dt)
+        if scope == "probe":
+            R = len(rows_R)
+            M_A[rows_R], M_G[rows_R] = ma_RE[:R], mg_RE[:R]
+            mg_P = torch.where(lost_P & on_probe_P, M_G[tok_P, exp_P], mg_P)
+        fixed_C = mg_RE[len(rows) - C:].gather(1, exp_P[fix_C].unsqueeze(1)).squeeze(1)
+        mg_P = mg_P.index_copy(0, fix_C, torch.where(todo_P[fix_C], fixed_C, mg_P[fix_C]))
+    left_P = todo_P.index_fill(0, fix_C, False)
+    M_A[tok_P, exp_P] = cap.ma_P.to(dt)
     M_G[tok_P, exp_P] = torch.where(left_P, float("nan"), mg_P)
     mask_NE[tok_P, exp_P] = mask_NE[tok_P, exp_P] & ~left_P
     return left_P.sum()
-
-
-@torch.no_grad()
-def _fix_lost_pairs(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, tok_P: Tensor, exp_P: Tensor, w_P: Tensor,
-                    lost_P: Tensor, mg_P: Tensor) -> tuple[Tensor, Tensor]:
-    """(M_G with the lost pairs recomputed, the lost pairs left over) ``[P]``.
-
-    Recomputing every pair to avoid knowing which are lost would cost as much as the
-    forward's experts, and finding them out is a host sync. Instead the
-    ``LOST_PAIR_BUDGET`` lost pairs of smallest weight are recomputed — every expert on
-    their tokens (``ghost_dense_rows``), then the pair's own — a fixed count, so no shape
-    depends on the data. Lost pairs are rare (weights below 1e-19 in float32: a router
-    logit gap of about 44); any beyond the budget are returned as left over."""
-    C = min(len(w_P), LOST_PAIR_BUDGET)
-    if C == 0:
-        return mg_P, lost_P
-    fix_C = torch.where(lost_P, w_P, float("inf")).topk(C, largest=False).indices
-    _, mg_CE = ghost_dense_rows(layer, x_ND[tok_P[fix_C]], g_ND[tok_P[fix_C]], mg_P.dtype)
-    mg_C = mg_CE.gather(1, exp_P[fix_C].unsqueeze(1)).squeeze(1)
-    mg_P = mg_P.index_copy(0, fix_C, torch.where(lost_P[fix_C], mg_C, mg_P[fix_C]))
-    return mg_P, lost_P.index_fill(0, fix_C, False)
