@@ -4,6 +4,13 @@ which, on a CUDA tensor, makes the host wait for the device — reading a value
 whose output shape depends on the data (``nonzero``, boolean indexing, ``masked_select``,
 ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``).
 
+It also records tensors made from Python data (``torch.tensor(x, device=...)``,
+``new_tensor``, a float given to Lightning's ``self.log``: ``aten.lift_fresh``), which on a
+GPU are blocking host→device copies — except a Python scalar assigned by indexing
+(``mask[rows] = True``), which the kernel takes as an argument. On the CPU it cannot tell
+``torch.tensor(x)`` (a CPU tensor, harmless) from ``torch.tensor(x, device=cuda)``: code
+that wants a CPU scalar tensor makes it with a factory (``torch.scalar_tensor``).
+
 On the CPU nothing waits, so a test can prove the *code* has no such op where a GPU run would
 pay for one. Copies to the host (``.cpu()``) are invisible here (CPU to CPU); the GPU test
 in ``test_syncs.py`` covers them where a GPU is present.
@@ -23,12 +30,14 @@ SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_
 INDEX_OPS = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}
 
 
+SKIP_FRAMES = ("torch/utils/_python_dispatch", "torch/_dynamo/", "torch/_compile.py")
+
+
 def _where() -> str:
     """The innermost frames outside torch's dispatch machinery and this file, for messages."""
     frames = [f for f in traceback.extract_stack()[:-2]
-              if "torch/utils/_python_dispatch" not in f.filename and not f.filename.endswith("syncs.py")]
-    return " ← ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
-                      for f in reversed(frames[-4:]))
+              if not any(k in f.filename for k in SKIP_FRAMES) and not f.filename.endswith("syncs.py")]
+    return " ← ".join(f"{'/'.join(f.filename.split('/')[-2:])}:{f.lineno}" for f in reversed(frames[-4:]))
 
 
 class HostSyncs(TorchDispatchMode):
@@ -36,12 +45,22 @@ class HostSyncs(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.hits: list[tuple[str, str]] = []
+        self._syncs: list[tuple[str, str]] = []
+        self._lifted: dict[int, tuple[str, str]] = {}  # tensors made from Python data, not yet excused
+
+    @property
+    def hits(self) -> list[tuple[str, str]]:
+        return self._syncs + list(self._lifted.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         sync = func in SYNC_OPS
         if func in INDEX_OPS:
             sync = any(i is not None and i.dtype == torch.bool for i in args[1])
+            if len(args) > 2 and isinstance(args[2], torch.Tensor) and args[2].dim() == 0:
+                self._lifted.pop(id(args[2]), None)  # a scalar assigned by indexing: a kernel argument
         if sync:
-            self.hits.append((str(func), _where()))
-        return func(*args, **(kwargs or {}))
+            self._syncs.append((str(func), _where()))
+        out = func(*args, **(kwargs or {}))
+        if func is aten.lift_fresh.default:
+            self._lifted[id(out)] = ("aten.lift_fresh (tensor from Python data)", _where())
+        return out

@@ -147,6 +147,37 @@ def test_lost_pairs_beyond_the_budget_are_dropped_and_counted(monkeypatch, scope
     torch.testing.assert_close(M_A[mask], ref_A[mask], rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("budget", [0, 5, 100])
+@pytest.mark.parametrize("scope", ["routed", "probe"])
+def test_two_lost_pairs_per_token_any_budget(monkeypatch, scope, budget):
+    """Tokens with two lost pairs each (experts 2 and 3), budgets from none to all: the
+    recomputed and the ordinary pairs equal the loop, and exactly the lost pairs beyond the
+    budget (those not on a probe row) are dropped, with M_A and M_G NaN."""
+    import smk_lightning.stats.ghost as ghost_mod
+
+    monkeypatch.setattr(ghost_mod, "LOST_PAIR_BUDGET", budget)
+    torch.manual_seed(1)
+    layer = MoELayer(8, 12, 4, 4, renormalize=False)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0], layer.router.weight[3, 0] = -60.0, -70.0
+    x, g = torch.randn(12, 8), torch.randn(12, 8)
+    x[:, 0] = 1.0
+    layer.capture_stats = True
+    (layer(x) * g).sum().backward()
+    layer.capture.grad_scale = 1.0
+    gen = torch.Generator().manual_seed(0)
+    M_A, M_G, mask = step_stats(layer, ENGINES["ghost"], scope, 0.25, gen)
+    counted = int(layer.capture.dropped_pairs)
+    layer.capture_stats = False
+    lost = 2 * 12 - (2 * 3 if scope == "probe" else 0)  # probe: 3 rows of 12 are exact anyway
+    assert counted == max(0, lost - budget) == int((~mask).sum())
+    assert bool(mask[:, :2].all()) and bool(M_A[~mask].isnan().all()) and bool(M_G[~mask].isnan().all())
+    ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="dense")
+    torch.testing.assert_close(M_A[mask], ref_A[mask], rtol=1e-4, atol=0)
+    torch.testing.assert_close(M_G[mask], ref_G[mask], rtol=1e-4, atol=0)
+
+
 # -- the whole training step under the trainer's precision (docs/design.md, precision) ----------------
 def one_step_stats(precision: str, scope: str, engine: str):
     """Statistics of one real training step (Lightning runs training_step under autocast)."""

@@ -58,6 +58,7 @@ from smk_lightning.stats.capture import TRAIN_STREAM, VAL_STREAM
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 
 METRIC_KEYS = ("g_acc", "g_acc_dense", "kl_div", "topk_overlap")
+DROPPED_KEY = "train/stats_dropped_pairs"  # routed pairs the statistics left out (stats.ghost.ghost_step)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -105,6 +106,7 @@ class SMKModule(L.LightningModule):
         self.val_ppl = Perplexity()
         self._warned_trivial = False
         self._warned_dropped = False
+        self._dropped_total: Tensor | None = None  # pairs left out of the statistics since the last read
         # Per-step results read by the callbacks: filled only on a micro-batch that computed
         # statistics (empty otherwise, never touched by validation).
         self.step_stats: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -261,7 +263,7 @@ class SMKModule(L.LightningModule):
         self._micro = 0 if last else self._micro + 1
         self._add_step_logs({"train/loss": loss, "train/aux_loss": aux, "train/z_loss": z}
                             | ({"train/smk_loss": smk * world_size()} if smk is not None else {})
-                            | ({"train/stats_dropped_pairs": dropped.float()} if dropped is not None else {}))
+                            | ({DROPPED_KEY: dropped.float()} if dropped is not None else {}))
         if last:
             self._optimizer_step(opt)
             self._log_step()
@@ -273,29 +275,38 @@ class SMKModule(L.LightningModule):
             self._step_logs[key] = (total + v.detach(), n + 1)
 
     def _log_step(self) -> None:
-        """Once per optimizer step: the means over its micro-batches, on the optimizer-step
-        axis (``step`` = optimizer steps done, as the callbacks and the console count them;
-        Lightning's own batch counter would count micro-batches and shift after a resume)."""
+        """Once per optimizer step: the means over its micro-batches (train/stats_dropped_pairs:
+        the sum), on the optimizer-step axis (``step`` = optimizer steps done, as the callbacks
+        and the console count them; Lightning's own batch counter would count micro-batches and
+        shift after a resume). Python numbers go in as CPU tensors: Lightning would copy a float
+        to the device, a blocking copy every step."""
         logs, self._step_logs = self._step_logs, {}
         for key, (total, n) in logs.items():
-            self.log(key, total / n, prog_bar=key in ("train/loss", "train/smk_loss"))
-        self._warn_if_dropped(logs.get("train/stats_dropped_pairs"))
-        self.log("train/skipped_steps", float(self.skipped_steps))
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-        self.log("step", float(self.global_step))
+            self.log(key, total if key == DROPPED_KEY else total / n, prog_bar=key in ("train/loss", "train/smk_loss"))
+        if DROPPED_KEY in logs:
+            self._warn_if_dropped(logs[DROPPED_KEY][0])
+        for key, value in (("train/skipped_steps", self.skipped_steps),
+                           ("train/lr", self.lr_schedulers().get_last_lr()[0]), ("step", self.global_step)):
+            self.log(key, torch.scalar_tensor(float(value)))  # on the CPU, made there (no copy)
 
-    def _warn_if_dropped(self, dropped: tuple[Tensor, int] | None) -> None:
-        """Once per run: say so when the statistics left routed pairs out (``ghost_step``).
-        Read only on the steps Lightning logs (it reads the logged values then too)."""
-        if (dropped is None or self._warned_dropped or not self._trainer
-                or self.global_step % max(1, self.trainer.log_every_n_steps)):
+    def _warn_if_dropped(self, dropped: Tensor) -> None:
+        """Once per run: say so when the statistics left routed pairs out (``ghost_step``). The
+        count is summed on the device and read at the console's cadence (every
+        ``log_every_n_steps`` optimizer steps; Lightning reads its logged values then too)."""
+        if self._warned_dropped:
             return
-        if float(dropped[0]) > 0:  # HOST SYNC, logging steps only
+        self._dropped_total = dropped if self._dropped_total is None else self._dropped_total + dropped
+        accum = self.optim_cfg.accumulate_grad_batches  # the CLI counts log_every_n_steps in micro-batches
+        every = max(1, self.trainer.log_every_n_steps // accum) if self._trainer else 1
+        if self.global_step % every:
+            return
+        total, self._dropped_total = float(self._dropped_total), None  # HOST SYNC, logging steps only
+        if total > 0:
             self._warned_dropped = True
             warnings.warn(
-                f"step {self.global_step}: the statistics left {float(dropped[0]):.0f} routed pairs out "
-                f"(combine weight below 1e-19, more than stats.ghost.LOST_PAIR_BUDGET per layer): the router is "
-                "extremely confident; see train/stats_dropped_pairs, and consider router.z_loss_weight > 0",
+                f"the statistics left {total:.0f} routed pairs out in the last {every} steps (combine weight "
+                "below 1e-19, more than stats.ghost.LOST_PAIR_BUDGET per layer): the router is extremely "
+                "confident; see train/stats_dropped_pairs, and consider router.z_loss_weight > 0",
                 stacklevel=2,
             )
 

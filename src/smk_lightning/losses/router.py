@@ -29,7 +29,7 @@ def switch_aux_loss(probs_NE: Tensor, topi_NK: Tensor, all_reduce: Callable[[Ten
     E = probs_NE.shape[-1]
     # scatter_add, not bincount: CUDA's bincount reads the maximum on the host
     counts_E = probs_NE.new_zeros(E).scatter_add_(0, topi_NK.reshape(-1), probs_NE.new_ones(topi_NK.numel()))
-    tokens = probs_NE.new_tensor([float(probs_NE.shape[0])])
+    tokens = probs_NE.new_full((1,), probs_NE.shape[0])  # not new_tensor: a blocking host→device copy
     glob = all_reduce(torch.cat([counts_E, tokens]))
     f_E = glob[:E] / (glob[E] * topi_NK.shape[1])
     return world_size * E * (f_E * probs_NE.sum(0) / glob[E]).sum()

@@ -26,7 +26,7 @@ from smk_lightning.model.moe import Capture, ExpertGroups, MoELayer, expert_coun
 from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 
 # Elements of one [E, rows, F] intermediate of ghost_dense_rows, by device type (about five
-# are alive at once); rows are processed in chunks of DENSE_CHUNK_ELEMENTS // (E·F).
+# are alive at once); rows are processed in equal chunks of at most DENSE_CHUNK_ELEMENTS // (E·F).
 # CPU: 4 MB in float32, so a chunk's elementwise work stays in cache (measured, 1 thread,
 # N=2048, E=8, F=256: 2^20 vs 2^24 elements → 96 vs 153 ms dense, 24 vs 29 ms probe 0.25);
 # elsewhere (GPU): 64 MB, a few large kernels with bounded memory.
@@ -94,7 +94,7 @@ def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: 
     (``g_ND`` = ∂L_sum/∂o; ``rows_R``: the probe rows in scope 'probe'), with static shapes
     and no host sync. Returns the number of routed pairs (0-d, on the device) whose M_G
     could not be computed (lost pairs beyond ``LOST_PAIR_BUDGET``, see below); they are
-    cleared from ``mask_NE`` and their M_G is NaN."""
+    cleared from ``mask_NE`` and their M_A and M_G are NaN."""
     routing, dt = cap.routing, M_A.dtype
     # Routed pairs: every factor of the closed form came out of the forward and the
     # normal backward; the backward's gradients carry the pair's combine weight w, which
@@ -135,7 +135,7 @@ def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: 
         fixed_C = mg_RE[len(rows) - C:].gather(1, exp_P[fix_C].unsqueeze(1)).squeeze(1)
         mg_P = mg_P.index_copy(0, fix_C, torch.where(todo_P[fix_C], fixed_C, mg_P[fix_C]))
     left_P = todo_P.index_fill(0, fix_C, False)
-    M_A[tok_P, exp_P] = cap.ma_P.to(dt)
-    M_G[tok_P, exp_P] = torch.where(left_P, float("nan"), mg_P)
+    M_A[tok_P, exp_P] = torch.where(left_P, float("nan"), cap.ma_P.to(dt))  # left out: undefined, like
+    M_G[tok_P, exp_P] = torch.where(left_P, float("nan"), mg_P)              # any entry outside the mask
     mask_NE[tok_P, exp_P] = mask_NE[tok_P, exp_P] & ~left_P
     return left_P.sum()

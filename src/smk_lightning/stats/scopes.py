@@ -49,7 +49,7 @@ def scope_mask(topi_NK: Tensor, num_experts: int, scope: str, probe_fraction: fl
     check_scope(scope, probe_fraction)
     mask_NE = routed_mask(topi_NK, num_experts)
     if scope == "dense":
-        mask_NE[:] = True
+        mask_NE.fill_(True)  # not mask[:] = True: that makes a tensor of the Python True first
     elif scope == "probe":
         if rows_R is None:
             rows_R = probe_index(len(mask_NE), probe_fraction, generator, mask_NE.device)
