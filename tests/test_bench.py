@@ -39,7 +39,7 @@ def test_bench_runs_and_reports_mfu(tmp_path, capsys):
     lightning_log = logging.getLogger("lightning.pytorch")
     level, threads = lightning_log.level, torch.get_num_threads()
     out = tmp_path / "bench.json"
-    main(["--config", str(SMOKE), "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1",
+    main(["--config", str(SMOKE), "--steps", "1", "--warmup", "1", "--rounds", "2", "--threads", "1",
           "--variants", "plain", "ghost_routed", "--peak-tflops", "1", "--json", str(out)])
     res = json.loads(out.read_text())
     assert set(res["ratios"]) == {"plain", "ghost_routed"} and res["ratios"]["plain"] == 1.0
@@ -47,5 +47,8 @@ def test_bench_runs_and_reports_mfu(tmp_path, capsys):
         r = res[name]
         flops = res["meta"]["train_flops_per_token"] * res["meta"]["batch_size"] * res["meta"]["seq_len"]
         assert r["mfu"] == pytest.approx(flops / r["step_s"] / 1e12)
+        assert len(r["ratio_rounds"]) == 2 and r["ratio_iqr"][0] <= r["ratio_iqr"][1]
+        assert min(r["ratio_rounds"]) <= r["ratio_iqr"][0] and r["ratio_iqr"][1] <= max(r["ratio_rounds"])
+    assert res["plain"]["ratio_rounds"] == [1.0, 1.0]
     assert "MFU" in capsys.readouterr().out
     assert (lightning_log.level, torch.get_num_threads()) == (level, threads)

@@ -6,7 +6,8 @@ process, as ratios to the plain step (BENCHMARKS.md targets).
 Each variant trains ``warmup + steps`` steps of the real ``SMKModule.training_step``
 (Lightning manual optimisation) on random tokens of the config's shape; the median
 step time after warm-up is reported, with tokens/s; variants are interleaved over ``--rounds`` so slow
-drifts of a shared machine hit all of them alike. Peak memory: CUDA peak allocated on
+drifts of a shared machine hit all of them alike, and the ratio's spread is given as the
+quartiles of the per-round ratios (each round's median against plain's in the same round). Peak memory: CUDA peak allocated on
 GPU; on CPU the peak growth of the heap in use (glibc ``mallinfo2``, sampled every 2 ms):
 the step's working set (activations, gradients, statistics), without the weights and
 optimizer state. Memory is measured on two extra steps after the timed rounds, so the
@@ -190,6 +191,14 @@ def peak_memory_mb(module: SMKModule, batches: list[dict], batch_size: int, prec
     return (heap.peak - heap.start) / 2**20
 
 
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    """(first, third) quartile; both the value itself for a single round."""
+    if len(xs) < 2:
+        return (xs[0], xs[0])
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return (q[0], q[2])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="smk-bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=Path("configs/default.yaml"), help="YAML config whose model and data shape to time")
@@ -238,12 +247,14 @@ def main(argv: list[str] | None = None) -> None:
         batches = random_batches(args.warmup + args.steps, batch_size, seq_len, model_cfg.vocab_size)
         modules = {name: build_module(name, model_cfg, optim, vmap_chunk) for name in args.variants}
         times: dict[str, list[float]] = {name: [] for name in args.variants}
+        round_s: dict[str, list[float]] = {name: [] for name in args.variants}  # median per round
         for r in range(args.rounds):
             for name in args.variants:
                 if name.startswith("vmap") and r > 0:
                     continue
                 ts = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
                 times[name] += ts
+                round_s[name].append(statistics.median(ts))
                 print(f"  round {r + 1}/{args.rounds} {name:14s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)
         # After the timed rounds: the optimizer state exists, so on CPU the heap growth is the
         # step's working set (activations, gradients, statistics).
@@ -253,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
                           "peak_mb": peaks[name]} for name in args.variants}
         base = results["plain"]["step_s"]
         results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
+        # The spread of the ratio: each round's ratio to plain's time in the same round (a
+        # pair measured minutes apart at most), as quartiles over the rounds.
+        for name in args.variants:
+            paired = [t / b for t, b in zip(round_s[name], round_s["plain"])]
+            results[name]["ratio_rounds"] = paired
+            results[name]["ratio_iqr"] = _quartiles(paired)
         n_params = sum(p.numel() for p in SMKModule(model=model_cfg).parameters())
         peak = args.peak_tflops
         if peak is None and device.type == "cuda" and "bf16" in precision:
@@ -270,12 +287,14 @@ def main(argv: list[str] | None = None) -> None:
                            "train_flops_per_token": flops / tokens, "peak_tflops": peak}
         print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, "
               f"{n_params / 1e6:.1f} M params, expert_impl {model_cfg.expert_impl} (plain_loop: loop)")
-        print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'peak MB':>9s} {'MFU':>6s}")
+        print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'rounds: q1–q3':>14s} "
+              f"{'peak MB':>9s} {'MFU':>6s}")
         for name in args.variants:
             r = results[name]
             mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     —"
+            q1, q3 = r["ratio_iqr"]
             print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {results['ratios'][name]:8.2f} "
-                  f"{r['peak_mb']:9.0f} {mfu}")
+                  f"{f'{q1:.2f}–{q3:.2f}':>14s} {r['peak_mb']:9.0f} {mfu}")
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     finally:
