@@ -22,7 +22,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from smk_lightning.model.moe import Capture, ExpertGroups, MoELayer, expert_counts, resolve_expert_impl
+from smk_lightning.model.moe import (
+    Capture,
+    ExpertGroups,
+    MoELayer,
+    expert_counts,
+    resolve_expert_impl,
+)
 from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 
 # Elements of one [E, rows, F] intermediate of ghost_dense_rows, by device type (about five
@@ -111,14 +117,14 @@ def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: 
     # would be a host sync: so every step recomputes a fixed number of pairs, the
     # LOST_PAIR_BUDGET lost pairs of smallest weight, and any lost pair beyond that is left out.
     lost_P = w_P < torch.finfo(dt).tiny ** 0.5
-    zero = torch.zeros((), dtype=torch.long, device=w_P.device)
     if scope == "dense":  # every row from scratch, lost pairs included
         M_A[:], M_G[:] = ghost_dense_rows(layer, cap.x_ND, g_ND, dt)
         M_G[tok_P, exp_P] = torch.where(lost_P, M_G[tok_P, exp_P], mg_P)
         M_A[tok_P, exp_P] = cap.ma_P.to(dt)
-        return zero
+        return torch.zeros((), dtype=torch.long, device=w_P.device)
     if scope == "probe":  # the probe rows from scratch: their lost pairs are exact already
-        on_probe_P = torch.zeros(len(cap.x_ND), dtype=torch.bool, device=w_P.device).index_fill_(0, rows_R, True)[tok_P]
+        probe_N = torch.zeros(len(cap.x_ND), dtype=torch.bool, device=w_P.device).index_fill_(0, rows_R, True)
+        on_probe_P = probe_N[tok_P]
         todo_P = lost_P & ~on_probe_P
     else:
         todo_P = lost_P
