@@ -147,22 +147,24 @@ def test_step_stats_are_fresh_or_absent():
     assert seen.seen == [(True, True, True), (False, False, True), (True, True, True), (False, False, True)]
 
 
-def test_dropped_pairs_are_logged_and_warned_once(monkeypatch):
+@pytest.mark.parametrize("every", [1, 2])
+def test_dropped_pairs_are_logged_and_warned_once(monkeypatch, every):
     """An extremely confident router (second choice's weight underflows) with no recompute
     budget: the pairs left out of the statistics are logged as train/stats_dropped_pairs and
-    warned about, once."""
+    warned about, once — also when statistics and the log cadence fall on different steps
+    (every 2nd step each: statistics on 0-based steps 0, 2, 4, the read after steps 2, 4)."""
     import smk_lightning.stats.ghost as ghost_mod
 
     monkeypatch.setattr(ghost_mod, "LOST_PAIR_BUDGET", 0)
     torch.manual_seed(0)
-    module = SMKModule(model=tiny_model(), stats=StatsConfig(scope="routed", val_batches=0),
+    module = SMKModule(model=tiny_model(), stats=StatsConfig(scope="routed", val_batches=0, every_n_steps=every),
                        router=RouterConfig(loss="switch"))
     with torch.no_grad():
         for layer in module.moe_layers.values():
             layer.router.weight.mul_(1e5)
-    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", log_every_n_steps=1)
+    trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", log_every_n_steps=every)
     with pytest.warns(UserWarning, match="left .* routed pairs out") as seen:
         trainer.fit(module, datamodule=RandomDataModule())
     assert sum("routed pairs out" in str(w.message) for w in seen) == 1
-    assert float(trainer.callback_metrics["train/stats_dropped_pairs"]) > 0
+    assert float(trainer.callback_metrics["train/stats_dropped_pairs"]) > 0  # the last step computed statistics
