@@ -47,5 +47,10 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch, cache):
 def test_experiment_arm_applies_its_router_settings(path, tmp_path, monkeypatch, cache):
     monkeypatch.chdir(tmp_path)
     cli = instantiate([ROOT / "default.yaml", path], cache)
-    for key, value in yaml.safe_load(path.read_text())["model"]["router"].items():
+    arm = yaml.safe_load(path.read_text())["model"]
+    for key, value in arm["router"].items():
         assert getattr(cli.model.router_cfg, key) == value, key
+    # default.yaml computes the statistics on every 10th step (instruments for its Switch
+    # router); an arm whose router loss needs them must take them back to every step
+    if cli.model.router_cfg.loss == "smk":
+        assert cli.model.stats_cfg.every_n_steps == 1

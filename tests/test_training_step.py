@@ -168,3 +168,10 @@ def test_dropped_pairs_are_logged_and_warned_once(monkeypatch, every):
         trainer.fit(module, datamodule=RandomDataModule())
     assert sum("routed pairs out" in str(w.message) for w in seen) == 1
     assert float(trainer.callback_metrics["train/stats_dropped_pairs"]) > 0  # the last step computed statistics
+
+
+def test_smk_loss_on_some_steps_only_warns():
+    """router.loss=smk on top of a config that computes statistics every 10th step (as
+    configs/default.yaml does for its Switch router) says that smk_loss is applied that rarely."""
+    with pytest.warns(UserWarning, match="every_n_steps=10: smk_loss trains the router on one step in 10"):
+        SMKModule(model=tiny_model(), stats=StatsConfig(every_n_steps=10), router=RouterConfig(loss="smk"))

@@ -121,6 +121,10 @@ class SMKModule(L.LightningModule):
         self._step_logs: dict[str, tuple[Tensor, int]] = {}  # train/* sums over the step's micro-batches
         if self.router_cfg.loss == "smk" and not self.stats_cfg.enabled:
             raise ConfigError("router.loss=smk needs stats.enabled=true; enable stats or use router.loss=switch")
+        if self.router_cfg.loss == "smk" and self.stats_cfg.every_n_steps > 1:
+            n = self.stats_cfg.every_n_steps
+            warnings.warn(f"router.loss=smk with stats.every_n_steps={n}: smk_loss trains the router on one step in "
+                          f"{n} only; set stats.every_n_steps=1 to train it on every step", stacklevel=2)
 
     # -- helpers -------------------------------------------------------------------------------
     @property

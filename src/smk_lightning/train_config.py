@@ -56,7 +56,7 @@ class StatsConfig:
     probe_fraction: float = 0.25
     """Share of tokens evaluated on every expert in scope 'probe', in (0, 1]."""
     every_n_steps: int = 1
-    """Compute the statistics (and smk_loss) every n-th training step."""
+    """Compute the statistics every n-th training step — and so smk_loss too, with router.loss=smk (a warning says so when n > 1)."""
     vmap_chunk_size: int = DEFAULT_CHUNK_SIZE
     """Tokens per vmap chunk (bounds the memory of the vmap engine)."""
     val_batches: int = 2
