@@ -287,19 +287,21 @@ class SMKModule(L.LightningModule):
         logs, self._step_logs = self._step_logs, {}
         for key, (total, n) in logs.items():
             self.log(key, total if key == DROPPED_KEY else total / n, prog_bar=key in ("train/loss", "train/smk_loss"))
-        if DROPPED_KEY in logs and not self._warned_dropped:
-            dropped = logs[DROPPED_KEY][0]
-            self._dropped_total = dropped if self._dropped_total is None else self._dropped_total + dropped
-        self._warn_if_dropped()
+        self._warn_if_dropped(logs[DROPPED_KEY][0] if DROPPED_KEY in logs else None)
         for key, value in (("train/skipped_steps", self.skipped_steps),
                            ("train/lr", self.lr_schedulers().get_last_lr()[0]), ("step", self.global_step)):
             self.log(key, torch.scalar_tensor(float(value)))  # on the CPU, made there (no copy)
 
-    def _warn_if_dropped(self) -> None:
-        """Once per run: say so when the statistics left routed pairs out (``ghost_step``). The
-        count is summed on the device (``_dropped_total``) and read at the console's cadence
-        (every ``log_every_n_steps`` optimizer steps; Lightning reads its logged values then too)."""
-        if self._warned_dropped or self._dropped_total is None:
+    def _warn_if_dropped(self, dropped: Tensor | None) -> None:
+        """Once per run: say so when the statistics left routed pairs out (``ghost_step``;
+        ``dropped``: this step's count, None on a step without statistics). The count is summed
+        on the device (``_dropped_total``) and read at the console's cadence (every
+        ``log_every_n_steps`` optimizer steps; Lightning reads its logged values then too)."""
+        if self._warned_dropped:
+            return
+        if dropped is not None:
+            self._dropped_total = dropped if self._dropped_total is None else self._dropped_total + dropped
+        if self._dropped_total is None:
             return
         accum = self.optim_cfg.accumulate_grad_batches  # the CLI counts log_every_n_steps in micro-batches
         every = max(1, self.trainer.log_every_n_steps // accum) if self._trainer else 1

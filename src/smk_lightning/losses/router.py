@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from smk_lightning.model.moe import expert_counts
 from smk_lightning.model.precision import to_acc
 
 
@@ -27,8 +28,7 @@ def switch_aux_loss(probs_NE: Tensor, topi_NK: Tensor, all_reduce: Callable[[Ten
     additive share, so that the mean over ranks — what DDP does to gradients — is the
     global loss and its gradient."""
     E = probs_NE.shape[-1]
-    # scatter_add, not bincount: CUDA's bincount reads the maximum on the host
-    counts_E = probs_NE.new_zeros(E).scatter_add_(0, topi_NK.reshape(-1), probs_NE.new_ones(topi_NK.numel()))
+    counts_E = expert_counts(topi_NK, E).to(probs_NE.dtype)
     tokens = probs_NE.new_full((1,), probs_NE.shape[0])  # not new_tensor: a blocking host→device copy
     glob = all_reduce(torch.cat([counts_E, tokens]))
     f_E = glob[:E] / (glob[E] * topi_NK.shape[1])

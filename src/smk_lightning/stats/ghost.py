@@ -19,6 +19,8 @@ Its shapes depend only on N, E, k and ρ, and it reads nothing on the host.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -50,7 +52,8 @@ def ghost_dense_rows(layer: MoELayer, x_RD: Tensor, g_RD: Tensor, dt: torch.dtyp
     x_RD, g_RD = x_RD.to(dt), g_RD.to(dt)
     budget = DENSE_CHUNK_ELEMENTS.get(x_RD.device.type, DENSE_CHUNK_ELEMENTS["default"])
     max_rows = max(1, budget // (layer.num_experts * layer.d_ff))
-    chunk = -(-len(x_RD) // -(-len(x_RD) // max_rows)) if len(x_RD) else 1  # equal chunks of ≤ max_rows
+    n_chunks = max(1, math.ceil(len(x_RD) / max_rows))
+    chunk = max(1, math.ceil(len(x_RD) / n_chunks))  # equal chunks of at most max_rows
     parts = [ghost_rows_all_experts(layer.kind, x, g, tuple(w_in), w2_EFD)
              for x, g in zip(x_RD.split(chunk), g_RD.split(chunk))]
     if len(parts) == 1:
