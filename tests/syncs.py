@@ -6,9 +6,10 @@ whose output shape depends on the data (``nonzero``, boolean indexing, ``masked_
 
 It also records tensors made from Python data (``torch.tensor(x, device=...)``,
 ``new_tensor``, a float given to Lightning's ``self.log``: ``aten.lift_fresh``), which on a
-GPU are blocking host→device copies — except a Python scalar assigned by indexing
-(``mask[rows] = True``), which the kernel takes as an argument. On the CPU it cannot tell
-``torch.tensor(x)`` (a CPU tensor, harmless) from ``torch.tensor(x, device=cuda)``: code
+GPU are blocking host→device copies — a Python scalar assigned by indexing too
+(``mask[rows] = True``: CUDA's index_put_ copies the 0-dim value to the device and waits,
+seen on an H100; ``index_fill_``/``masked_fill_`` take the scalar as a kernel argument). On
+the CPU it cannot tell ``torch.tensor(x)`` (a CPU tensor, harmless) from ``torch.tensor(x, device=cuda)``: code
 that wants a CPU scalar tensor makes it with a factory (``torch.scalar_tensor``).
 
 On the CPU nothing waits, so a test can prove the *code* has no such op where a GPU run would
@@ -56,8 +57,8 @@ class HostSyncs(TorchDispatchMode):
         sync = func in SYNC_OPS
         if func in INDEX_OPS:
             sync = any(i is not None and i.dtype == torch.bool for i in args[1])
-            if len(args) > 2 and isinstance(args[2], torch.Tensor) and args[2].dim() == 0:
-                self._lifted.pop(id(args[2]), None)  # a scalar assigned by indexing: a kernel argument
+            if len(args) > 2 and id(args[2]) in self._lifted:  # x[i] = 1.0: copied to the device, a wait
+                self._lifted[id(args[2])] = (f"{func} of a Python scalar (use index_fill_)", _where())
         if sync:
             self._syncs.append((str(func), _where()))
         out = func(*args, **(kwargs or {}))

@@ -179,7 +179,7 @@ def test_two_lost_pairs_per_token_any_budget(monkeypatch, scope, budget):
 
 
 # -- the whole training step under the trainer's precision (docs/design.md, precision) ----------------
-def one_step_stats(precision: str, scope: str, engine: str):
+def one_step_stats(precision: str, scope: str, engine: str, accelerator: str = "cpu"):
     """Statistics of one real training step (Lightning runs training_step under autocast)."""
     import lightning as L
 
@@ -194,7 +194,7 @@ def one_step_stats(precision: str, scope: str, engine: str):
                        router=RouterConfig(loss="smk", balance_weight=0.1))
     rec = Recorder()
     L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[rec], limit_val_batches=0, accelerator="cpu",
+              enable_model_summary=False, callbacks=[rec], limit_val_batches=0, accelerator=accelerator,
               precision=precision).fit(module, datamodule=RandomDataModule())
     return rec.step_stats, module
 

@@ -53,5 +53,5 @@ def scope_mask(topi_NK: Tensor, num_experts: int, scope: str, probe_fraction: fl
     elif scope == "probe":
         if rows_R is None:
             rows_R = probe_index(len(mask_NE), probe_fraction, generator, mask_NE.device)
-        mask_NE[rows_R] = True
+        mask_NE.index_fill_(0, rows_R, True)  # not mask[rows] = True: on CUDA that copies True to the device and waits
     return mask_NE
