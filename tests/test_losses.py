@@ -409,6 +409,28 @@ def test_smk_loss_matches_reference(kind, target, tau):
     assert got.item() == pytest.approx(ref_loss(logits, dsc, target, tau), rel=1e-10, abs=1e-12)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("target", TARGETS)
+def test_layers_stacked_equal_each_layer_alone(kind, target):
+    """[L, N, E] (the training step's MoE layers at once) gives every layer the targets,
+    metrics and loss it gets alone: moments, Sinkhorn columns and row counts per layer."""
+    layers = [make_inputs(seed, n=15) for seed in (3, 4, 5)]
+    layers[1][2][:] = True  # one fully dense layer, one with another scale
+    layers[1][0][:], layers[1][1][:] = layers[1][0].nan_to_num(2.0), layers[1][1].nan_to_num(0.5)
+    layers[2][1].mul_(40.0)
+    M_A, M_G, mask, logits = (torch.stack(ts) for ts in zip(*layers))
+    t = smk_targets(M_A, M_G, mask, kind, 0.5, target=target, sinkhorn_iters=50)
+    loss_L = smk_loss(logits, t, target)
+    assert loss_L.shape == (3,)
+    for i, (a, g, m, lg) in enumerate(layers):
+        alone = smk_targets(a, g, m, kind, 0.5, target=target, sinkhorn_iters=50)
+        for f in ("mask_NE", "rows_N", "dense_N", "hard_N", "q_NE", "dsc_NE"):
+            torch.testing.assert_close(getattr(t[i], f), getattr(alone, f), rtol=1e-12, atol=1e-12, msg=f)
+        torch.testing.assert_close(loss_L[i], smk_loss(lg, alone, target), rtol=1e-12, atol=1e-12)
+        got, ref = smk_metrics(lg, t[i], 2), smk_metrics(lg, alone, 2)
+        assert all(torch.equal(got[k].isnan(), ref[k].isnan()) and torch.allclose(got[k].nan_to_num(), ref[k].nan_to_num(), rtol=1e-12, atol=1e-12) for k in ref)
+
+
 def test_smk_loss_masked_known_value():
     """A routed row: experts 1 and 3 defined, expert 0 (undefined) has the largest logit.
     p̃ is the softmax over {1, 3} only, so the loss does not depend on the logits of 0, 2."""

@@ -184,24 +184,25 @@ class SMKModule(L.LightningModule):
     def _stats_and_targets(self, capture: StatsCapture, stream: int, step: int, micro: int
                            ) -> tuple[dict, dict, Tensor | None]:
         """After a backward: statistics, ΔSC targets, and smk_loss averaged over the MoE
-        layers (None unless ``router.loss=smk``), all with autocast off."""
+        layers (None unless ``router.loss=smk``), all with autocast off. The targets and the
+        loss run once on the layers' statistics stacked to ``[L, N, E]`` (each layer keeps its
+        own moments): a few kernels per step instead of a few per layer."""
         cfg, rcfg, rank = self.stats_cfg, self.router_cfg, self.global_rank
         stats = capture.stats(self.engine, cfg.scope, cfg.probe_fraction,
                               lambda i: probe_generator(cfg.seed, stream, step, micro, i, rank))
-        losses, targets = [], {}
+        names, layers = list(stats), [self.moe_layers[name] for name in stats]
         with torch.autocast(self.device.type, enabled=False):
-            for name, (M_A, M_G, mask) in stats.items():
-                layer = self.moe_layers[name]
-                t = smk_targets(M_A, M_G, mask, rcfg.delta_sc, rcfg.tau, rcfg.target, rcfg.sinkhorn_iters,
-                                all_reduce_sum)
-                # Router logits recomputed from the detached layer input: smk_loss reaches the
-                # router only, never the experts or the layers below.
-                cap = layer.capture
-                logits_NE = layer.router(cap.x_ND.to(layer.router.weight.dtype))
-                if rcfg.loss == "smk":
-                    losses.append(smk_loss(logits_NE, t, rcfg.target, all_reduce_sum))
-                targets[name] = (logits_NE.detach(), t, layer.top_k, cap.routing.topi_NK)
-        return stats, targets, torch.stack(losses).mean() if losses else None
+            M_A_LNE, M_G_LNE, mask_LNE = (torch.stack(ts) for ts in zip(*stats.values()))
+            t = smk_targets(M_A_LNE, M_G_LNE, mask_LNE, rcfg.delta_sc, rcfg.tau, rcfg.target,
+                            rcfg.sinkhorn_iters, all_reduce_sum)
+            # Router logits recomputed from the detached layer input: smk_loss reaches the
+            # router only, never the experts or the layers below.
+            logits_LNE = torch.stack([layer.router(layer.capture.x_ND.to(layer.router.weight.dtype))
+                                      for layer in layers])
+            smk = smk_loss(logits_LNE, t, rcfg.target, all_reduce_sum).mean() if rcfg.loss == "smk" else None
+        targets = {name: (logits_LNE[i].detach(), t[i], layer.top_k, layer.capture.routing.topi_NK)
+                   for i, (name, layer) in enumerate(zip(names, layers))}
+        return stats, targets, smk
 
     def step_metrics(self) -> dict[str, dict[str, Tensor]]:
         """g_acc, g_acc_dense, kl_div, topk_overlap per MoE layer for this micro-batch's

@@ -1,6 +1,8 @@
 """smk_loss: route each token to the expert with the best synergy score ΔSC (docs/design.md).
 
-Shape legend: N tokens, E experts. ``mask_NE`` marks the entries where both statistics
+Shape legend: N tokens, E experts; every function also takes leading batch dimensions
+(``[L, N, E]``: the MoE layers of a step at once, each with its own moments, so the
+training step runs these few kernels once, not once per layer). ``mask_NE`` marks the entries where both statistics
 are defined; ``D_t`` is row t's defined set. Only rows with ``|D_t| ≥ 2`` take part, and
 the router distribution is restricted to ``D_t`` (``p̃ = softmax`` of the logits over
 ``D_t``): a routed row orders only the experts it has evidence for and never pushes down
@@ -16,7 +18,7 @@ Nothing here carries gradient except the router logits passed to ``smk_loss``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -35,13 +37,15 @@ def _no_reduce(t: Tensor) -> Tensor:
 
 
 def _zscore(M_NE: Tensor, mask_NE: Tensor, dim: int | None, all_reduce: AllReduce) -> Tensor:
-    """(M − mean) / std over the defined entries: all of them (dim None) or per column (dim 0)."""
-    dims = (0, 1) if dim is None else (dim,)
+    """(M − mean) / std over the defined entries of each ``[N, E]``: all of them (dim None)
+    or per column (dim -2)."""
+    dims = (-2, -1) if dim is None else (dim,)
     vals_NE = torch.where(mask_NE, M_NE, 0.0)
-    sums = all_reduce(torch.stack([vals_NE.sum(dims), mask_NE.sum(dims).to(M_NE.dtype)]))
+    sums = all_reduce(torch.stack([vals_NE.sum(dims, keepdim=True),
+                                   mask_NE.sum(dims, keepdim=True).to(M_NE.dtype)]))
     count = sums[1].clamp_min(1.0)
     mean = sums[0] / count
-    sqdev = all_reduce(torch.where(mask_NE, (M_NE - mean).square(), 0.0).sum(dims))
+    sqdev = all_reduce(torch.where(mask_NE, (M_NE - mean).square(), 0.0).sum(dims, keepdim=True))
     std = (sqdev / count).sqrt()
     return (M_NE - mean) / std.clamp_min(1e-12)
 
@@ -53,7 +57,7 @@ def delta_sc(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str = "zscore",
     zscore: z-scores over all defined entries of the (global) batch; zscore_expert: each
     expert column standardised over the tokens where it is defined."""
     if kind in ("zscore", "zscore_expert"):
-        dim = None if kind == "zscore" else 0
+        dim = None if kind == "zscore" else -2
         d = _zscore(M_A, mask_NE, dim, all_reduce) - _zscore(M_G, mask_NE, dim, all_reduce)
     elif kind == "sigmoid":
         d = torch.sigmoid(M_A) - torch.sigmoid(M_G)
@@ -68,14 +72,14 @@ def sinkhorn(logits_NE: Tensor, rows_N: Tensor, iters: int, all_reduce: AllReduc
     """Sinkhorn–Knopp projection of ``exp(logits)`` on the rows ``rows_N``: every row sums
     to 1 and every column to (global row count)/E, up to the iterations' convergence (the
     last step normalises rows, so row sums are exact). Zero on the other rows."""
-    E = logits_NE.shape[1]
-    safe_NE = torch.where(rows_N.unsqueeze(1), logits_NE, 0.0)
-    q_NE = (safe_NE - safe_NE.amax(1, keepdim=True)).exp() * rows_N.unsqueeze(1)
-    n_rows = all_reduce(rows_N.sum().to(q_NE.dtype))
+    E = logits_NE.shape[-1]
+    safe_NE = torch.where(rows_N.unsqueeze(-1), logits_NE, 0.0)
+    q_NE = (safe_NE - safe_NE.amax(-1, keepdim=True)).exp() * rows_N.unsqueeze(-1)
+    n_rows = all_reduce(rows_N.sum(-1, keepdim=True).unsqueeze(-1).to(q_NE.dtype))
     for _ in range(iters):
-        col_E = all_reduce(q_NE.sum(0))
+        col_E = all_reduce(q_NE.sum(-2, keepdim=True))
         q_NE = q_NE * (n_rows / E / col_E.clamp_min(torch.finfo(q_NE.dtype).tiny))
-        q_NE = q_NE / q_NE.sum(1, keepdim=True).clamp_min(torch.finfo(q_NE.dtype).tiny)
+        q_NE = q_NE / q_NE.sum(-1, keepdim=True).clamp_min(torch.finfo(q_NE.dtype).tiny)
     return q_NE
 
 
@@ -88,27 +92,31 @@ class SMKTargets:
     q_NE: Tensor  # target distribution Q (soft or balanced), zero outside D_t (uniform on rows with no D_t)
     dsc_NE: Tensor  # ΔSC, -inf outside D_t
 
+    def __getitem__(self, i: int) -> SMKTargets:
+        """Layer i of targets computed for ``[L, N, E]`` statistics."""
+        return SMKTargets(*(getattr(self, f.name)[i] for f in fields(self)))
+
 
 def smk_targets(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str, tau: float,
                 target: Literal["hard", "soft", "balanced"] = "soft", sinkhorn_iters: int = 20,
                 all_reduce: AllReduce = _no_reduce) -> SMKTargets:
     """Targets from the statistics; detached, so they never carry gradient."""
     dsc_NE = delta_sc(to_acc(M_A.detach()), to_acc(M_G.detach()), mask_NE, kind, all_reduce)
-    counts_N = mask_NE.sum(1)
-    rows_N, dense_N = counts_N >= 2, counts_N == mask_NE.shape[1]
+    counts_N = mask_NE.sum(-1)
+    rows_N, dense_N = counts_N >= 2, counts_N == mask_NE.shape[-1]
     # Rows with no defined entry get 0 instead of -inf so that nothing below is NaN.
-    safe_NE = torch.where(counts_N.unsqueeze(1) > 0, dsc_NE, torch.zeros_like(dsc_NE))
-    q_NE = (safe_NE / tau).softmax(1)
+    safe_NE = torch.where(counts_N.unsqueeze(-1) > 0, dsc_NE, torch.zeros_like(dsc_NE))
+    q_NE = (safe_NE / tau).softmax(-1)
     if target == "balanced":
         q_bal = sinkhorn(safe_NE / tau, dense_N, sinkhorn_iters, all_reduce)
-        q_NE = torch.where(dense_N.unsqueeze(1), q_bal, q_NE)
-    return SMKTargets(mask_NE, rows_N, dense_N, safe_NE.argmax(1), q_NE, dsc_NE)
+        q_NE = torch.where(dense_N.unsqueeze(-1), q_bal, q_NE)
+    return SMKTargets(mask_NE, rows_N, dense_N, safe_NE.argmax(-1), q_NE, dsc_NE)
 
 
 def _masked_log_softmax(logits_NE: Tensor, t: SMKTargets) -> Tensor:
     """log p̃: log-softmax over D_t (−inf elsewhere); rows with < 2 defined experts use all
     logits (they are excluded from every mean, and must not make NaN gradients)."""
-    keep_NE = t.mask_NE | ~t.rows_N.unsqueeze(1)
+    keep_NE = t.mask_NE | ~t.rows_N.unsqueeze(-1)
     return to_acc(logits_NE).masked_fill(~keep_NE, float("-inf")).log_softmax(-1)
 
 
@@ -119,23 +127,24 @@ def _kl_rows(t: SMKTargets, logp_NE: Tensor) -> Tensor:
 
 
 def smk_loss_sum(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft", "balanced"]) -> Tensor:
-    """Σ over the valid rows of CE to the argmax target (hard) or KL(Q ‖ p̃) (soft, balanced)."""
+    """Σ over the valid rows of CE to the argmax target (hard) or KL(Q ‖ p̃) (soft, balanced)
+    (one sum per ``[N, E]``)."""
     logp_NE = _masked_log_softmax(logits_NE, t)
     if target == "hard":
-        per_row = -logp_NE.gather(1, t.hard_N.unsqueeze(1)).squeeze(1)
+        per_row = -logp_NE.gather(-1, t.hard_N.unsqueeze(-1)).squeeze(-1)
     elif target in ("soft", "balanced"):
         per_row = _kl_rows(t, logp_NE)
     else:
         raise ValueError(f"smk target {target!r} does not exist; use one of {TARGETS}")
-    return torch.where(t.rows_N, per_row, 0.0).sum()
+    return torch.where(t.rows_N, per_row, 0.0).sum(-1)
 
 
 def smk_loss(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft", "balanced"],
              all_reduce: AllReduce = _no_reduce) -> Tensor:
     """Mean over the valid rows of the global batch of this rank's share: summed over the
-    ranks it is the global mean (0 with gradient 0 when no row is valid)."""
+    ranks it is the global mean (0 with gradient 0 when no row is valid); one per ``[N, E]``."""
     total = smk_loss_sum(logits_NE, t, target)  # float32 or wider: counts stay exact
-    return total / all_reduce(t.rows_N.sum().to(total.dtype)).clamp_min(1.0)
+    return total / all_reduce(t.rows_N.sum(-1).to(total.dtype)).clamp_min(1.0)
 
 
 def _masked_mean(vals_N: Tensor, rows_N: Tensor) -> Tensor:
