@@ -105,6 +105,8 @@ def rotary_table(seq_len: int, head_dim: int, base: float = 10000.0) -> Tensor:
 
 
 def apply_rotary(x_BHTC: Tensor, rot_TC2: Tensor) -> Tensor:
+    """Rotate the channel pairs of ``x`` ``[..., T, C]`` by the angles of ``rot_TC2`` (any
+    leading dimensions: the attention passes q and k stacked, one call for both)."""
     x1, x2 = x_BHTC.float().unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = rot_TC2.unbind(-1)
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -120,8 +122,9 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: Tensor, rot_TC2: Tensor) -> Tensor:
         B, T, D = x_BTD.shape
-        q, k, v = self.qkv(x_BTD).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, rot_TC2[:T]), apply_rotary(k, rot_TC2[:T])
+        qkv = self.qkv(x_BTD).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(qkv[:2], rot_TC2[:T]).unbind(0)  # q and k in one call: half the kernels
+        v = qkv[2]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
