@@ -57,8 +57,11 @@ def _fit(module: SMKModule, detector, steps: int, accelerator: str = "cpu", prec
 
 def _not_optimizer(hits):
     # torch.optim's Adam reads its step counters with .item(): CPU tensors on a GPU too
-    # (unless capturable/fused), so no device sync there.
-    return [h for h in hits if "optim/adam" not in h[1] and "optim/optimizer" not in h[1]]
+    # (unless capturable/fused), so no device sync there. Lightning registers each key the
+    # module self.logs the first time it is logged (a state made from a Python float, once per
+    # run; self.log runs on the last step here, log_every_n_steps being QUIET).
+    return [h for h in hits if "optim/adam" not in h[1] and "optim/optimizer" not in h[1]
+            and not (h[0].startswith("aten.lift_fresh") and "logger_connector/result.py" in h[1])]
 
 
 @pytest.mark.parametrize("loss", ["smk", "switch", "auxfree"])

@@ -175,3 +175,35 @@ def test_smk_loss_on_some_steps_only_warns():
     configs/default.yaml does for its Switch router) says that smk_loss is applied that rarely."""
     with pytest.warns(UserWarning, match="every_n_steps=10: smk_loss trains the router on one step in 10"):
         SMKModule(model=tiny_model(), stats=StatsConfig(every_n_steps=10), router=RouterConfig(loss="smk"))
+
+
+def test_self_log_only_on_steps_lightning_writes(tmp_path):
+    """The module calls self.log only where Lightning writes to the loggers (every
+    log_every_n_steps) and on the last step: the written rows are each step's own loss and
+    step, callback_metrics end with the last step's values, and no other step logs."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Losses(L.Callback):
+        def __init__(self):
+            self.loss, self.logged = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.loss.append(float(outputs["loss"]))
+            self.logged.append(float(trainer.callback_metrics.get("step", -1)))
+
+    torch.manual_seed(0)
+    module = SMKModule(model=tiny_model(), optim=OptimConfig(warmup_steps=1),
+                       stats=StatsConfig(val_batches=0), router=RouterConfig(loss="switch"))
+    rec = Losses()
+    trainer = L.Trainer(max_steps=7, logger=CSVLogger(tmp_path), log_every_n_steps=3, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        accelerator="cpu", callbacks=[rec])
+    trainer.fit(module, datamodule=RandomDataModule())
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r.get("train/loss")]
+    assert [int(float(r["step"])) for r in rows] == [3, 6]
+    for r in rows:
+        assert float(r["train/loss"]) == pytest.approx(rec.loss[int(float(r["step"])) - 1], rel=1e-6)
+    assert rec.logged == [-1, -1, 3, 3, 3, 6, 7]  # callback_metrics' step: set on steps 3, 6 and the last
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(rec.loss[-1], rel=1e-6)
