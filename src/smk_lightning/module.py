@@ -190,6 +190,8 @@ class SMKModule(L.LightningModule):
         cfg, rcfg, rank = self.stats_cfg, self.router_cfg, self.global_rank
         stats = capture.stats(self.engine, cfg.scope, cfg.probe_fraction,
                               lambda i: probe_generator(cfg.seed, stream, step, micro, i, rank))
+        if not stats:  # no MoE layer
+            return stats, {}, None
         names, layers = list(stats), [self.moe_layers[name] for name in stats]
         with torch.autocast(self.device.type, enabled=False):
             M_A_LNE, M_G_LNE, mask_LNE = (torch.stack(ts) for ts in zip(*stats.values()))
