@@ -24,6 +24,8 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import smk_lightning.stats.ghost as ghost
+
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
             aten.bincount.default, aten.repeat_interleave.Tensor, aten.equal.default, aten.is_nonzero.default,
@@ -42,12 +44,25 @@ def _where() -> str:
 
 
 class HostSyncs(TorchDispatchMode):
-    """``with HostSyncs() as s: ...`` → ``s.hits``: [(op, where)] of every would-be sync."""
+    """``with HostSyncs() as s: ...`` → ``s.hits``: [(op, where)] of every would-be sync.
+
+    Inside the window the project's code takes the GPU's path where it has a CPU-only one
+    (``stats.ghost.FREE_HOST_READS``: host reads that cost nothing on the CPU), so what is
+    counted is what a GPU would run."""
 
     def __init__(self) -> None:
         super().__init__()
         self._syncs: list[tuple[str, str]] = []
         self._lifted: dict[int, tuple[str, str]] = {}  # tensors made from Python data, not yet excused
+
+    def __enter__(self):
+        self._free_reads = set(ghost.FREE_HOST_READS)
+        ghost.FREE_HOST_READS.clear()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        ghost.FREE_HOST_READS.update(self._free_reads)
+        return super().__exit__(*exc)
 
     @property
     def hits(self) -> list[tuple[str, str]]:

@@ -123,6 +123,47 @@ def test_vanishing_weight_fixups_need_no_host_sync(scope):
         torch.testing.assert_close(M_G, torch.where(mask, ref_G, nan), rtol=1e-4, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("scope", ["routed", "probe", "dense"])
+def test_cpu_skips_the_recompute_when_nothing_is_lost_with_the_same_results(monkeypatch, scope):
+    """On the CPU (``FREE_HOST_READS``) the lost-pair recompute runs only if a pair is lost;
+    the GPU's path always recomputes its budget. Both give the same statistics, with lost
+    pairs (layer ``lost``) and without (``fine``) — bit for bit but in probe scope, whose
+    probe rows share one matmul with the recomputed rows (its rounding depends on the row
+    count) — and without lost pairs the CPU runs no recompute at all (routed scope: no
+    batched matmul)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import smk_lightning.stats.ghost as ghost_mod
+    from smk_lightning.stats import StatsCapture
+
+    class CountBmm(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountBmm.n += func is torch.ops.aten.bmm.default
+            return func(*args, **(kwargs or {}))
+
+    layers, x, (g1, g2) = _lost_and_fine_layers()
+    out, bmms = {}, {}
+    for free in ({"cpu"}, set()):
+        monkeypatch.setattr(ghost_mod, "FREE_HOST_READS", free)
+        with StatsCapture(layers) as cap:
+            ((layers["lost"](x) * g1).sum() + (layers["fine"](x) * g2).sum()).backward()
+            for layer in layers.values():
+                layer.zero_grad()
+            cap.set_grad_scale(1.0)
+            gens = [torch.Generator().manual_seed(i) for i in range(2)]
+            CountBmm.n = 0
+            with CountBmm():
+                out[bool(free)] = cap.stats(ENGINES["ghost"], scope, 0.25, gens.__getitem__)
+            bmms[bool(free)] = CountBmm.n
+    for name in layers:
+        for a, b in zip(out[True][name], out[False][name]):
+            torch.testing.assert_close(a, b, rtol=1e-6 if scope == "probe" else 0, atol=0, equal_nan=True)
+    if scope == "routed":  # the GPU path recomputes for both layers, the CPU for "lost" only
+        assert bmms[False] > 0 and bmms[True] == bmms[False] // 2, bmms
+
+
 @pytest.mark.parametrize("scope, dropped", [("routed", 16 - 5), ("probe", 16 - 4 - 5)])
 def test_lost_pairs_beyond_the_budget_are_dropped_and_counted(monkeypatch, scope, dropped):
     """Beyond ``LOST_PAIR_BUDGET`` a lost pair is left out: its mask entry is cleared, its M_G

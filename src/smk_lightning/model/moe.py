@@ -132,6 +132,11 @@ class Capture:
     def missing_hooks(self) -> list[str]:
         return [h for h in self.expected if h not in self.fired]
 
+    def upstream(self, dtype: torch.dtype, rows: Tensor | None = None) -> Tensor:
+        """ḡ = ∂L_sum/∂o of the given rows (all if None) in ``dtype`` (docs/design.md)."""
+        g = self.grad_ND if rows is None else self.grad_ND[rows]
+        return g.to(dtype) * self.grad_scale
+
 
 def _store_sq(cap: Capture, attr: str, grad: Tensor) -> None:
     """Tensor hook: keep the squared row norms of a gradient, accumulated in float32+."""

@@ -2,7 +2,7 @@
 
 - ``fill(layer, x_ND, g_ND, mask_NE, M_A, M_G, **options)`` fills the masked entries of
   ``M_A``/``M_G`` [N, E] from a layer input and its upstream gradient (every engine);
-- ``from_capture(layer, cap, g_ND, scope, rows_R, M_A, M_G, mask_NE) -> dropped``, where
+- ``from_capture(layer, cap, scope, rows_R, M_A, M_G, mask_NE) -> dropped``, where
   given, fills a training step's statistics from what the layer captured in its forward
   and backward (ghost), instead of recomputing them, without a host sync; pairs it cannot
   compute it clears from ``mask_NE`` and counts in ``dropped`` (a device tensor);

@@ -14,7 +14,8 @@ second for the rest. ``ghost_step`` fills a training step's statistics from the 
 capture: routed pairs need no new matmul (the forward kept ‖y‖ and ‖h‖², hooks kept the
 row norms of the backward's own gradients of y and the pre-activations; see
 ``smk_lightning.model.moe.Capture``), and dense / probe rows go through ``ghost_dense_rows``.
-Its shapes depend only on N, E, k and ρ, and it reads nothing on the host.
+On a GPU its shapes depend only on N, E, k and ρ, and it reads nothing on the host; on
+the CPU, where a read costs nothing, it skips the lost pairs' recompute when none is lost.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import math
 import torch
 from torch import Tensor
 
+from smk_lightning.model.experts import sqnorm
 from smk_lightning.model.moe import (
     Capture,
     ExpertGroups,
@@ -43,6 +45,13 @@ DENSE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "default": 1 << 24}
 # small to divide out (see ``ghost_step``): a fixed count, so the step has no host sync; it
 # costs one ``ghost_dense_rows`` call on this many rows (merged into the probe rows' call).
 LOST_PAIR_BUDGET = 16
+# Device types where reading a value on the host costs nothing, there being no device to
+# wait for: there ``ghost_step`` looks whether any routed pair was lost and, if none was
+# (nearly always), skips the budget's recompute (on the CPU it was ~6 ms of a ~290 ms step
+# at configs/default.yaml, 2 threads). The results are the same either way (in probe scope
+# to float rounding: the probe rows share a matmul with the recomputed ones). tests/syncs.py
+# empties this set while it counts the syncs a GPU would make, so CPU tests see the GPU's path.
+FREE_HOST_READS = {"cpu"}
 
 
 @torch.no_grad()
@@ -97,54 +106,62 @@ def ghost_stats(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, mask_NE: Tensor,
 
 
 @torch.no_grad()
-def ghost_step(layer: MoELayer, cap: Capture, g_ND: Tensor, scope: str, rows_R: Tensor | None,
+def ghost_step(layer: MoELayer, cap: Capture, scope: str, rows_R: Tensor | None,
                M_A: Tensor, M_G: Tensor, mask_NE: Tensor) -> Tensor:
     """Fill ``M_A``/``M_G`` [N, E] of a training step in ``scope`` from the layer's capture
-    (``g_ND`` = ∂L_sum/∂o; ``rows_R``: the probe rows in scope 'probe'), with static shapes
-    and no host sync. Returns the number of routed pairs (0-d, on the device) whose M_G
-    could not be computed (lost pairs beyond ``LOST_PAIR_BUDGET``, see below); they are
-    cleared from ``mask_NE`` and their M_A and M_G are NaN."""
+    (``rows_R``: the probe rows in scope 'probe'), with static shapes
+    and no host sync on a GPU (see ``FREE_HOST_READS`` for the CPU). Returns the number of
+    routed pairs (0-d, on the device) whose M_G could not be computed (lost pairs beyond
+    ``LOST_PAIR_BUDGET``, see below); they are cleared from ``mask_NE`` and their M_A and
+    M_G are NaN."""
     routing, dt = cap.routing, M_A.dtype
+    topi_NK = routing.topi_NK
+    N, K = topi_NK.shape
     # Routed pairs: every factor of the closed form came out of the forward and the
     # normal backward; the backward's gradients carry the pair's combine weight w, which
-    # is divided out here.
-    tok_P = routing.order_P // layer.top_k
-    exp_P = routing.topi_NK.reshape(-1)[routing.order_P]
-    w_P = cap.weights_NK.reshape(-1)[routing.order_P].to(dt)
-    xsq_P = cap.x_ND.to(dt).square().sum(-1)[tok_P]
-    inner_P = cap.gysq_P.to(dt) * cap.hsq_P.to(dt) + (cap.gusq_P.to(dt) + cap.gvsq_P.to(dt)) * xsq_P
-    mg_P = inner_P.sqrt() * (cap.grad_scale / w_P)
+    # is divided out here. The capture's per-pair norms are in sorted-pair order: one copy
+    # puts them back in (token, slot) order, where the weights, the experts (topi_NK) and
+    # the tokens' own norms line up without an index, and one scatter per result writes them.
+    slots_4P = torch.stack([cap.ma_P, cap.hsq_P, cap.gysq_P, cap.gusq_P + cap.gvsq_P]).to(dt)
+    ma_NK, hsq_NK, gysq_NK, gpre_NK = (
+        torch.empty_like(slots_4P).index_copy_(1, routing.order_P, slots_4P).view(4, N, K).unbind(0))
+    w_NK = cap.weights_NK.to(dt)
+    xsq_N1 = sqnorm(cap.x_ND.to(dt)).unsqueeze(1)
+    mg_NK = (gysq_NK * hsq_NK + gpre_NK * xsq_N1).sqrt() * (cap.grad_scale / w_NK)
     # A pair whose weight is (nearly) zero got (nearly) no gradient ("lost"): its M_G cannot
     # be divided out. Lost pairs are rare (a weight below 1e-19 in float32 is a router logit
     # gap of about 44), but which pairs are lost is only known on the device, and reading it
     # would be a host sync: so every step recomputes a fixed number of pairs, the
     # LOST_PAIR_BUDGET lost pairs of smallest weight, and any lost pair beyond that is left out.
-    lost_P = w_P < torch.finfo(dt).tiny ** 0.5
+    lost_NK = w_NK < torch.finfo(dt).tiny ** 0.5
     if scope == "dense":  # every row from scratch, lost pairs included
-        M_A[:], M_G[:] = ghost_dense_rows(layer, cap.x_ND, g_ND, dt)
-        M_G[tok_P, exp_P] = torch.where(lost_P, M_G[tok_P, exp_P], mg_P)
-        M_A[tok_P, exp_P] = cap.ma_P.to(dt)
-        return torch.zeros((), dtype=torch.long, device=w_P.device)
+        M_A[:], M_G[:] = ghost_dense_rows(layer, cap.x_ND, cap.upstream(dt), dt)
+        M_G.scatter_(1, topi_NK, torch.where(lost_NK, M_G.gather(1, topi_NK), mg_NK))
+        M_A.scatter_(1, topi_NK, ma_NK)
+        return torch.zeros((), dtype=torch.long, device=w_NK.device)
     if scope == "probe":  # the probe rows from scratch: their lost pairs are exact already
-        probe_N = torch.zeros(len(cap.x_ND), dtype=torch.bool, device=w_P.device).index_fill_(0, rows_R, True)
-        on_probe_P = probe_N[tok_P]
-        todo_P = lost_P & ~on_probe_P
+        probe_N1 = torch.zeros(N, 1, dtype=torch.bool, device=w_NK.device).index_fill_(0, rows_R, True)
+        todo_NK = lost_NK & ~probe_N1
     else:
-        todo_P = lost_P
-    C = min(len(w_P), LOST_PAIR_BUDGET)
-    fix_C = torch.where(todo_P, w_P, float("inf")).topk(C, largest=False).indices
+        todo_NK = lost_NK
+    C = min(N * K, LOST_PAIR_BUDGET)
+    if C and w_NK.device.type in FREE_HOST_READS and not todo_NK.any():  # host read: free here (see above)
+        C = 0
+    fix_C = torch.where(todo_NK, w_NK, float("inf")).view(-1).topk(C, largest=False).indices  # (token, slot) flat
     # One call for the probe rows and the tokens of the pairs to fix: every expert on each row.
-    rows = tok_P[fix_C] if scope != "probe" else torch.cat([rows_R, tok_P[fix_C]])
+    rows = fix_C // K if scope != "probe" else torch.cat([rows_R, fix_C // K])
     if len(rows):
-        ma_RE, mg_RE = ghost_dense_rows(layer, cap.x_ND[rows], g_ND[rows], dt)
+        ma_RE, mg_RE = ghost_dense_rows(layer, cap.x_ND[rows], cap.upstream(dt, rows), dt)
         if scope == "probe":
             R = len(rows_R)
-            M_A[rows_R], M_G[rows_R] = ma_RE[:R], mg_RE[:R]
-            mg_P = torch.where(lost_P & on_probe_P, M_G[tok_P, exp_P], mg_P)
-        fixed_C = mg_RE[len(rows) - C:].gather(1, exp_P[fix_C].unsqueeze(1)).squeeze(1)
-        mg_P = mg_P.index_copy(0, fix_C, torch.where(todo_P[fix_C], fixed_C, mg_P[fix_C]))
-    left_P = todo_P.index_fill(0, fix_C, False)
-    M_A[tok_P, exp_P] = torch.where(left_P, float("nan"), cap.ma_P.to(dt))  # left out: undefined, like
-    M_G[tok_P, exp_P] = torch.where(left_P, float("nan"), mg_P)              # any entry outside the mask
-    mask_NE[tok_P, exp_P] = mask_NE[tok_P, exp_P] & ~left_P
-    return left_P.sum()
+            M_A.index_copy_(0, rows_R, ma_RE[:R])
+            M_G.index_copy_(0, rows_R, mg_RE[:R])
+            mg_NK = torch.where(lost_NK & probe_N1, M_G.gather(1, topi_NK), mg_NK)
+        fixed_C = mg_RE[len(rows) - C:].gather(1, topi_NK.view(-1)[fix_C].unsqueeze(1)).squeeze(1)
+        mg_K = mg_NK.reshape(-1)
+        mg_NK = mg_K.index_copy(0, fix_C, torch.where(todo_NK.view(-1)[fix_C], fixed_C, mg_K[fix_C])).view(N, K)
+    left_NK = todo_NK.reshape(-1).index_fill(0, fix_C, False).view(N, K)
+    M_A.scatter_(1, topi_NK, torch.where(left_NK, float("nan"), ma_NK))  # left out: undefined, like
+    M_G.scatter_(1, topi_NK, torch.where(left_NK, float("nan"), mg_NK))  # any entry outside the mask
+    mask_NE.scatter_(1, topi_NK, ~left_NK)  # routed entries are in every scope's mask
+    return left_NK.sum()

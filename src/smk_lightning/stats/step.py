@@ -5,8 +5,8 @@ An engine that declares ``from_capture`` (ghost: ``stats.ghost.ghost_step``) fil
 step from the capture itself; the others recompute everything from the captured input
 and gradient. The probe rows are a fixed count round(ρN), so every shape is static.
 
-Host syncs: none with the ghost engine (``ghost_step`` has static shapes; the probe rows
-are drawn on the CPU and copied to the device without a sync). The vmap and loop engines
+Host syncs: none on a GPU with the ghost engine (``ghost_step`` has static shapes; the
+probe rows are drawn on the CPU and copied to the device without a sync). The vmap and loop engines
 select their pairs with ``nonzero`` (a sync per layer).
 """
 
@@ -48,9 +48,8 @@ def _step_stats(layer: MoELayer, cap, engine: Engine, scope: str, probe_fraction
     dt = acc_dtype(cap.ma_P, cap.grad_ND)  # float32+ (grad_ND is bf16 under autocast)
     M_A = torch.full(mask_NE.shape, float("nan"), dtype=dt, device=mask_NE.device)
     M_G = M_A.clone()
-    g_ND = cap.grad_ND.to(dt) * cap.grad_scale  # ∂L_sum/∂o (docs/design.md)
     if engine.from_capture is not None:
-        cap.dropped_pairs = engine.from_capture(layer, cap, g_ND, scope, rows_R, M_A, M_G, mask_NE)
+        cap.dropped_pairs = engine.from_capture(layer, cap, scope, rows_R, M_A, M_G, mask_NE)
     else:
-        engine.fill(layer, cap.x_ND, g_ND, mask_NE, M_A, M_G)
+        engine.fill(layer, cap.x_ND, cap.upstream(dt), mask_NE, M_A, M_G)
     return M_A, M_G, mask_NE
