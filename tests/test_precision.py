@@ -84,6 +84,38 @@ def test_pairs_with_vanishing_weight_are_recomputed_exactly():
     torch.testing.assert_close(M_G, ref_G, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("gap, g_scale", [(30, 1e-4), (36, 1e-4), (40, 1e-4), (42, 1e-5), (43, 1e-6)])
+def test_small_weights_with_small_gradients_stay_exact(gap, g_scale):
+    """A weight above the 1e-19 cut can still make the captured gradients' squares fall
+    below float32's smallest normal number (w = 2e-18 and mean-loss gradients of 1e-4 made
+    M_G 9 % off, w = 3e-19 and 1e-5 100 %): such pairs are recomputed too, so every pair
+    equals the float64 loop; tokens whose ḡ is zero (M_G = 0 exactly) are not recomputed:
+    with no recompute budget none is dropped."""
+    import smk_lightning.stats.ghost as ghost_mod
+
+    torch.manual_seed(0)
+    layer = MoELayer(8, 12, 3, 3, renormalize=False)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0] = -float(gap)
+    x = torch.randn(16, 8)
+    x[:, 0] = 1.0
+    g = torch.randn(16, 8) * g_scale
+    M_A, M_G, mask = captured_stats(layer, x, g, "routed", autocast=False)
+    ref_A, ref_G = expert_token_stats(layer, x, g, engine="loop", scope="routed")
+    torch.testing.assert_close(M_A, ref_A, rtol=1e-4, atol=0)
+    torch.testing.assert_close(M_G, ref_G, rtol=1e-4, atol=0)
+
+    g[:, :] = 0.0  # every ḡ zero: nothing to recompute, nothing dropped without a budget
+    budget = ghost_mod.LOST_PAIR_BUDGET
+    try:
+        ghost_mod.LOST_PAIR_BUDGET = 0
+        M_A, M_G, mask = captured_stats(layer, x, g, "routed", autocast=False)
+    finally:
+        ghost_mod.LOST_PAIR_BUDGET = budget
+    assert bool(mask.all()) and bool((M_G == 0).all())
+
+
 def _lost_and_fine_layers():
     """Layer ``lost``: every expert selected with raw probabilities, expert 2's ≈ e^-60 on
     every token (16 lost pairs); layer ``fine``: an ordinary top-2 layer."""

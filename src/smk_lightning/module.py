@@ -331,7 +331,7 @@ class SMKModule(L.LightningModule):
             self._warned_dropped = True
             warnings.warn(
                 f"the statistics left {total:.0f} routed pairs out in the last {every} steps (combine weight "
-                "below 1e-19, more than stats.ghost.LOST_PAIR_BUDGET per layer): the router is extremely "
+                "too small to divide out of the gradients, more than stats.ghost.LOST_PAIR_BUDGET per layer): the router is extremely "
                 "confident; see train/stats_dropped_pairs, and consider router.z_loss_weight > 0",
                 stacklevel=2,
             )

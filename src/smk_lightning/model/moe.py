@@ -105,8 +105,9 @@ class Capture:
     """What one forward/backward pass leaves for the statistics of the same step.
 
     Per routed pair (rows in sorted-pair order) the forward stores ‖y‖ and ‖h‖², and
-    tensor hooks on y, u (and v) store the squared row norms of the gradients the normal
-    backward computes anyway: w·ḡ, w·g_u, w·g_v, with w the pair's combine weight. No
+    tensor hooks on u (and v) store the squared row norms of the gradients the normal
+    backward computes anyway: w·g_u, w·g_v, with w the pair's combine weight; a hook on the
+    layer's output keeps ḡ itself (``grad_ND``; ∂L/∂y of a pair is w·ḡ of its token). No
     extra matmul, no per-token gradient.
 
     The gradient slots start as NaN and every hook records its name in ``fired`` (a
@@ -120,8 +121,7 @@ class Capture:
     routing: Routing
     ma_P: Tensor  # ‖f_e(x_t)‖, float32+
     hsq_P: Tensor  # ‖h‖², float32+
-    gysq_P: Tensor  # ‖∂L/∂y‖² = w²‖ḡ‖² (mean-loss gradient)
-    gusq_P: Tensor  # ‖∂L/∂u‖² = w²‖g_u‖²
+    gusq_P: Tensor  # ‖∂L/∂u‖² = w²‖g_u‖² (mean-loss gradient)
     gvsq_P: Tensor  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for a kind with one input projection, GELU)
     grad_scale: float | Tensor = 1.0  # multiplies the captured gradients (→ ∂L_sum/∂o, docs/design.md)
     grad_ND: Tensor | None = None  # ∂L/∂o, caught by the output hook (unscaled)
@@ -332,9 +332,9 @@ class MoELayer(nn.Module):
         pre_slots = ("gusq_P", "gvsq_P")[: len(pre)]  # one slot per input projection (u, v)
         gvsq_P = nan_P if "gvsq_P" in pre_slots else torch.zeros_like(ma_P)
         cap = self.capture = Capture(x_ND.detach(), weights_NK.detach(), routing, ma_P, hsq_P,
-                                     nan_P, nan_P, gvsq_P, expected=("grad_ND",))
+                                     nan_P, gvsq_P, expected=("grad_ND",))
         if ys_PD.requires_grad:
-            hooked = [("gysq_P", ys_PD), *zip(pre_slots, pre)]
+            hooked = list(zip(pre_slots, pre))
             for attr, t in hooked:
                 t.register_hook(partial(_store_sq, cap, attr))
             cap.expected += tuple(a for a, _ in hooked)

@@ -109,31 +109,40 @@ def ghost_stats(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, mask_NE: Tensor,
 def ghost_step(layer: MoELayer, cap: Capture, scope: str, rows_R: Tensor | None,
                M_A: Tensor, M_G: Tensor, mask_NE: Tensor) -> Tensor:
     """Fill ``M_A``/``M_G`` [N, E] of a training step in ``scope`` from the layer's capture
-    (``rows_R``: the probe rows in scope 'probe'), with static shapes
-    and no host sync on a GPU (see ``FREE_HOST_READS`` for the CPU). Returns the number of
-    routed pairs (0-d, on the device) whose M_G could not be computed (lost pairs beyond
-    ``LOST_PAIR_BUDGET``, see below); they are cleared from ``mask_NE`` and their M_A and
-    M_G are NaN."""
+    (``rows_R``: the probe rows in scope 'probe'), with static shapes and no host sync on a
+    GPU (see ``FREE_HOST_READS`` for the CPU). Returns the number of routed pairs (0-d, on
+    the device) whose M_G could not be computed (lost pairs beyond ``LOST_PAIR_BUDGET``, see
+    below); they are cleared from ``mask_NE`` and their M_A and M_G are NaN."""
     routing, dt = cap.routing, M_A.dtype
     topi_NK = routing.topi_NK
     N, K = topi_NK.shape
     # Routed pairs: every factor of the closed form came out of the forward and the
-    # normal backward; the backward's gradients carry the pair's combine weight w, which
-    # is divided out here. The capture's per-pair norms are in sorted-pair order: one copy
-    # puts them back in (token, slot) order, where the weights, the experts (topi_NK) and
-    # the tokens' own norms line up without an index, and one scatter per result writes them.
-    slots_4P = torch.stack([cap.ma_P, cap.hsq_P, cap.gysq_P, cap.gusq_P + cap.gvsq_P]).to(dt)
-    ma_NK, hsq_NK, gysq_NK, gpre_NK = (
-        torch.empty_like(slots_4P).index_copy_(1, routing.order_P, slots_4P).view(4, N, K).unbind(0))
+    # normal backward. ḡ is the output's gradient itself; the gradients of u and v carry the
+    # pair's combine weight w, which is divided out here. The capture's per-pair norms are in
+    # sorted-pair order: one copy puts them back in (token, slot) order, where the weights,
+    # the experts (topi_NK) and the tokens' own norms line up without an index, and one
+    # scatter per result writes them.
+    slots_3P = torch.stack([cap.ma_P, cap.hsq_P, cap.gusq_P + cap.gvsq_P]).to(dt)
+    ma_NK, hsq_NK, gpre_NK = (
+        torch.empty_like(slots_3P).index_copy_(1, routing.order_P, slots_3P).view(3, N, K).unbind(0))
     w_NK = cap.weights_NK.to(dt)
     xsq_N1 = sqnorm(cap.x_ND.to(dt)).unsqueeze(1)
-    mg_NK = (gysq_NK * hsq_NK + gpre_NK * xsq_N1).sqrt() * (cap.grad_scale / w_NK)
+    gsq_N1 = sqnorm(cap.grad_ND.to(dt)).unsqueeze(1)
+    wsq_NK = w_NK.square().clamp_min(torch.finfo(dt).tiny)  # w = 0: M_G of a lost pair, or 0 where ḡ = 0
+    mg_NK = (gsq_N1 * hsq_NK + xsq_N1 * gpre_NK / wsq_NK).sqrt() * cap.grad_scale
     # A pair whose weight is (nearly) zero got (nearly) no gradient ("lost"): its M_G cannot
-    # be divided out. Lost pairs are rare (a weight below 1e-19 in float32 is a router logit
-    # gap of about 44), but which pairs are lost is only known on the device, and reading it
+    # be divided out. That is a weight below 1e-19 in float32 (its square is no longer a
+    # normal number; a router logit gap of about 44), or a captured sum of squares so small
+    # that its squares lost precision below the smallest normal number (each by at most that:
+    # ``risk_sq`` bounds the relative error by 1e-6; e.g. w = 2e-18 with mean-loss gradients
+    # of 1e-4 made M_G 9 % off before this test) — unless ḡ is zero: then every gradient of
+    # the pair is zero and M_G is 0, exactly (a masked token; any weight). Lost
+    # pairs are rare, but which pairs are lost is only known on the device, and reading it
     # would be a host sync: so every step recomputes a fixed number of pairs, the
     # LOST_PAIR_BUDGET lost pairs of smallest weight, and any lost pair beyond that is left out.
-    lost_NK = w_NK < torch.finfo(dt).tiny ** 0.5
+    fin = torch.finfo(cap.gusq_P.dtype)
+    risk_sq = 2 * layer.d_ff * fin.tiny / 1e-6
+    lost_NK = ((w_NK < torch.finfo(dt).tiny ** 0.5) | (gpre_NK < risk_sq)) & (gsq_N1 > 0)
     if scope == "dense":  # every row from scratch, lost pairs included
         M_A[:], M_G[:] = ghost_dense_rows(layer, cap.x_ND, cap.upstream(dt), dt)
         M_G.scatter_(1, topi_NK, torch.where(lost_NK, M_G.gather(1, topi_NK), mg_NK))
