@@ -128,18 +128,18 @@ def ghost_step(layer: MoELayer, cap: Capture, scope: str, rows_R: Tensor | None,
     w_NK = cap.weights_NK.to(dt)
     xsq_N1 = sqnorm(cap.x_ND.to(dt)).unsqueeze(1)
     gsq_N1 = sqnorm(cap.grad_ND.to(dt)).unsqueeze(1)
-    wsq_NK = w_NK.square().clamp_min(torch.finfo(dt).tiny)  # w = 0: M_G of a lost pair, or 0 where ḡ = 0
+    wsq_NK = w_NK.square().clamp_min(torch.finfo(dt).tiny)  # no 0/0 where w = 0 (a lost pair, or ḡ = 0)
     mg_NK = (gsq_N1 * hsq_NK + xsq_N1 * gpre_NK / wsq_NK).sqrt() * cap.grad_scale
-    # A pair whose weight is (nearly) zero got (nearly) no gradient ("lost"): its M_G cannot
-    # be divided out. That is a weight below 1e-19 in float32 (its square is no longer a
-    # normal number; a router logit gap of about 44), or a captured sum of squares so small
-    # that its squares lost precision below the smallest normal number (each by at most that:
-    # ``risk_sq`` bounds the relative error by 1e-6; e.g. w = 2e-18 with mean-loss gradients
-    # of 1e-4 made M_G 9 % off before this test) — unless ḡ is zero: then every gradient of
-    # the pair is zero and M_G is 0, exactly (a masked token; any weight). Lost
-    # pairs are rare, but which pairs are lost is only known on the device, and reading it
-    # would be a host sync: so every step recomputes a fixed number of pairs, the
-    # LOST_PAIR_BUDGET lost pairs of smallest weight, and any lost pair beyond that is left out.
+    # A pair is "lost" when its M_G cannot be divided out of the captured gradients: its
+    # weight is below 1e-19 in float32 (its square is no longer a normal number; a router
+    # logit gap of about 44), or its gradients are so small that their squares fell below
+    # the smallest normal number, each losing up to that much: below ``risk_sq`` the sum may
+    # be more than 1e-6 off (w = 2e-18 with mean-loss gradients of 1e-4 made M_G 9 % off). A
+    # pair whose ḡ is zero is never lost: all its gradients are zero and M_G is 0, exactly
+    # (a masked token, whatever its weight). Lost pairs are rare, but which pairs are lost
+    # is only known on the device, and reading it would be a host sync: so every step
+    # recomputes a fixed number of pairs, the LOST_PAIR_BUDGET lost pairs of smallest
+    # weight, and any lost pair beyond that is left out.
     fin = torch.finfo(cap.gusq_P.dtype)
     risk_sq = 2 * layer.d_ff * fin.tiny / 1e-6
     lost_NK = ((w_NK < torch.finfo(dt).tiny ** 0.5) | (gpre_NK < risk_sq)) & (gsq_N1 > 0)
@@ -167,8 +167,8 @@ def ghost_step(layer: MoELayer, cap: Capture, scope: str, rows_R: Tensor | None,
             M_G.index_copy_(0, rows_R, mg_RE[:R])
             mg_NK = torch.where(lost_NK & probe_N1, M_G.gather(1, topi_NK), mg_NK)
         fixed_C = mg_RE[len(rows) - C:].gather(1, topi_NK.view(-1)[fix_C].unsqueeze(1)).squeeze(1)
-        mg_K = mg_NK.reshape(-1)
-        mg_NK = mg_K.index_copy(0, fix_C, torch.where(todo_NK.view(-1)[fix_C], fixed_C, mg_K[fix_C])).view(N, K)
+        mg_flat = mg_NK.reshape(-1)
+        mg_NK = mg_flat.index_copy(0, fix_C, torch.where(todo_NK.view(-1)[fix_C], fixed_C, mg_flat[fix_C])).view(N, K)
     left_NK = todo_NK.reshape(-1).index_fill(0, fix_C, False).view(N, K)
     M_A.scatter_(1, topi_NK, torch.where(left_NK, float("nan"), ma_NK))  # left out: undefined, like
     M_G.scatter_(1, topi_NK, torch.where(left_NK, float("nan"), mg_NK))  # any entry outside the mask
