@@ -196,6 +196,49 @@ def test_cpu_skips_the_recompute_when_nothing_is_lost_with_the_same_results(monk
         assert bmms[False] > 0 and bmms[True] == bmms[False] // 2, bmms
 
 
+@pytest.mark.parametrize("scope", ["routed", "probe", "dense"])
+def test_layers_of_one_shape_together_equal_each_alone(monkeypatch, scope):
+    """Layers of one shape are computed together (``layers_stats``: one ``ghost_step`` over
+    ``[L, N, E]``): with lost pairs in one layer only and a budget of 5, each layer equals
+    itself computed alone — statistics, mask and dropped count — and the loop."""
+    import smk_lightning.stats.ghost as ghost_mod
+    from smk_lightning.stats import StatsCapture
+
+    monkeypatch.setattr(ghost_mod, "LOST_PAIR_BUDGET", 5)
+    torch.manual_seed(0)
+    layers = {name: MoELayer(8, 12, 3, 3, renormalize=False) for name in ("lost", "fine", "fine2")}
+    with torch.no_grad():
+        layers["lost"].router.weight.zero_()
+        layers["lost"].router.weight[2, 0] = -60.0
+    xs, gs = {}, {}
+    for name in layers:
+        xs[name], gs[name] = torch.randn(16, 8), torch.randn(16, 8)
+        xs[name][:, 0] = 1.0
+    results = []
+    for together in (True, False):
+        groups = [layers] if together else [{n: lay} for n, lay in layers.items()]
+        out, dropped = {}, {}
+        for group in groups:
+            with StatsCapture(group) as cap:
+                sum((lay(xs[n]) * gs[n]).sum() for n, lay in group.items()).backward()
+                cap.set_grad_scale(1.0)
+                gens = [torch.Generator().manual_seed(list(layers).index(n)) for n in group]
+                out |= cap.stats(ENGINES["ghost"], scope, 0.25, gens.__getitem__)
+                dropped |= {n: int(lay.capture.dropped_pairs) for n, lay in group.items()}
+        results.append((out, dropped))
+    (together, d_together), (alone, d_alone) = results
+    assert d_together == d_alone
+    lost = {"routed": 16 - 5, "probe": 16 - 4 - 5, "dense": 0}[scope]  # probe: 4 rows of 16 exact anyway
+    assert d_together == {"lost": lost, "fine": 0, "fine2": 0}
+    for name, layer in layers.items():
+        for a, b in zip(together[name], alone[name]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True)
+        M_A, M_G, mask = together[name]
+        ref_A, ref_G = expert_token_stats(layer, xs[name], gs[name], engine="loop", scope="dense")
+        torch.testing.assert_close(M_A[mask], ref_A[mask], rtol=1e-4, atol=0)
+        torch.testing.assert_close(M_G[mask], ref_G[mask], rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("scope, dropped", [("routed", 16 - 5), ("probe", 16 - 4 - 5)])
 def test_lost_pairs_beyond_the_budget_are_dropped_and_counted(monkeypatch, scope, dropped):
     """Beyond ``LOST_PAIR_BUDGET`` a lost pair is left out: its mask entry is cleared, its M_G

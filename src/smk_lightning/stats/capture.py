@@ -25,7 +25,7 @@ from torch import Tensor
 
 from smk_lightning.model.moe import MoELayer
 from smk_lightning.stats.engines import Engine
-from smk_lightning.stats.step import step_stats
+from smk_lightning.stats.step import layers_stats
 
 # Streams of probe draws: training and validation never share one (docs/design.md, randomness).
 TRAIN_STREAM, VAL_STREAM = 0, 1
@@ -87,11 +87,11 @@ class StatsCapture:
 
     def stats(self, engine: Engine, scope: str, probe_fraction: float | None,
               generator_of: Callable[[int], torch.Generator]) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-        """{name: (M_A, M_G, mask)} per layer (``step_stats`` runs with autocast off);
+        """{name: (M_A, M_G, mask)} per layer (``layers_stats`` runs with autocast off);
         ``generator_of(i)`` gives the probe generator of the i-th MoE layer."""
         self.check()
-        return {name: step_stats(layer, engine, scope, probe_fraction, generator_of(i) if scope == "probe" else None)
-                for i, (name, layer) in enumerate(self.layers.items())}
+        gens = [generator_of(i) if scope == "probe" else None for i in range(len(self.layers))]
+        return dict(zip(self.layers, layers_stats(list(self.layers.values()), engine, scope, probe_fraction, gens)))
 
     def dropped_pairs(self) -> Tensor | None:
         """Routed pairs of all layers left out of this step's statistics (``ghost_step``: a

@@ -2,10 +2,11 @@
 
 - ``fill(layer, x_ND, g_ND, mask_NE, M_A, M_G, **options)`` fills the masked entries of
   ``M_A``/``M_G`` [N, E] from a layer input and its upstream gradient (every engine);
-- ``from_capture(layer, cap, scope, rows_R, M_A, M_G, mask_NE) -> dropped``, where
-  given, fills a training step's statistics from what the layer captured in its forward
-  and backward (ghost), instead of recomputing them, without a host sync; pairs it cannot
-  compute it clears from ``mask_NE`` and counts in ``dropped`` (a device tensor);
+- ``from_capture(layers, topi_LNK, scope, rows_LR, M_A, M_G, mask_LNE) -> dropped_L``,
+  where given, fills a training step's statistics ``[L, N, E]`` of L layers of one shape
+  from what they captured in their forward and backward (ghost), instead of recomputing
+  them, without a host sync; pairs it cannot compute it clears from ``mask_LNE`` and
+  counts in ``dropped_L`` (a device tensor, per layer);
 - ``options``: the keyword options ``fill`` takes (vmap: ``chunk_size``).
 
 An unknown engine name raises; there is no fallback.

@@ -10,12 +10,13 @@ experts in Python:
   layer's own forward (``ExpertGroups``: grouped GEMMs, or one matmul per expert in float64).
 
 ``ghost_stats`` (any mask) uses the first for rows whose every expert is wanted and the
-second for the rest. ``ghost_step`` fills a training step's statistics from the layer's
-capture: routed pairs need no new matmul (the forward kept ‖y‖ and ‖h‖², hooks kept the
-row norms of the backward's own gradients of y and the pre-activations; see
-``smk_lightning.model.moe.Capture``), and dense / probe rows go through ``ghost_dense_rows``.
-On a GPU its shapes depend only on N, E, k and ρ, and it reads nothing on the host; on
-the CPU, where a read costs nothing, it skips the lost pairs' recompute when none is lost.
+second for the rest. ``ghost_step`` fills a training step's statistics from the layers'
+captures, all layers of one shape at once: routed pairs need no new matmul (the forward
+kept ‖y‖ and ‖h‖², hooks kept ḡ and the row norms of the backward's own gradients of the
+pre-activations; see ``smk_lightning.model.moe.Capture``), and dense / probe rows go
+through ``ghost_dense_rows``, per layer. On a GPU its shapes depend only on N, E, k and ρ,
+and it reads nothing on the host; on the CPU, where a read costs nothing, it skips the
+lost pairs' recompute when none is lost.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from torch import Tensor
 
 from smk_lightning.model.experts import sqnorm
 from smk_lightning.model.moe import (
-    Capture,
     ExpertGroups,
     MoELayer,
     expert_counts,
@@ -106,30 +106,35 @@ def ghost_stats(layer: MoELayer, x_ND: Tensor, g_ND: Tensor, mask_NE: Tensor,
 
 
 @torch.no_grad()
-def ghost_step(layer: MoELayer, cap: Capture, scope: str, rows_R: Tensor | None,
-               M_A: Tensor, M_G: Tensor, mask_NE: Tensor) -> Tensor:
-    """Fill ``M_A``/``M_G`` [N, E] of a training step in ``scope`` from the layer's capture
-    (``rows_R``: the probe rows in scope 'probe'), with static shapes and no host sync on a
-    GPU (see ``FREE_HOST_READS`` for the CPU). Returns the number of routed pairs (0-d, on
-    the device) whose M_G could not be computed (lost pairs beyond ``LOST_PAIR_BUDGET``, see
-    below); they are cleared from ``mask_NE`` and their M_A and M_G are NaN."""
-    routing, dt = cap.routing, M_A.dtype
-    topi_NK = routing.topi_NK
-    N, K = topi_NK.shape
+def ghost_step(layers: list[MoELayer], topi_LNK: Tensor, scope: str, rows_LR: Tensor | None,
+               M_A: Tensor, M_G: Tensor, mask_LNE: Tensor) -> Tensor:
+    """Fill ``M_A``/``M_G`` ``[L, N, E]`` of a training step in ``scope`` from the captures
+    of L layers of one shape (``topi_LNK``: their routing, stacked; ``rows_LR``: their probe
+    rows in scope 'probe'), with static shapes and no host sync on a GPU (see
+    ``FREE_HOST_READS`` for the CPU). The routed pairs of all layers are computed at once;
+    only the rows recomputed from scratch need each layer's own weights. Returns the number
+    of routed pairs per layer ``[L]`` (on the device) whose M_G could not be computed (lost
+    pairs beyond ``LOST_PAIR_BUDGET``, see below); they are cleared from ``mask_LNE`` and
+    their M_A and M_G are NaN."""
+    caps, dt = [layer.capture for layer in layers], M_A.dtype
+    L, N, K = topi_LNK.shape
+    E = M_A.shape[-1]
     # Routed pairs: every factor of the closed form came out of the forward and the
     # normal backward. ḡ is the output's gradient itself; the gradients of u and v carry the
     # pair's combine weight w, which is divided out here. The capture's per-pair norms are in
-    # sorted-pair order: one copy puts them back in (token, slot) order, where the weights,
-    # the experts (topi_NK) and the tokens' own norms line up without an index, and one
-    # scatter per result writes them.
-    slots_3P = torch.stack([cap.ma_P, cap.hsq_P, cap.gusq_P + cap.gvsq_P]).to(dt)
-    ma_NK, hsq_NK, gpre_NK = (
-        torch.empty_like(slots_3P).index_copy_(1, routing.order_P, slots_3P).view(3, N, K).unbind(0))
-    w_NK = cap.weights_NK.to(dt)
-    xsq_N1 = sqnorm(cap.x_ND.to(dt)).unsqueeze(1)
-    gsq_N1 = sqnorm(cap.grad_ND.to(dt)).unsqueeze(1)
-    wsq_NK = w_NK.square().clamp_min(torch.finfo(dt).tiny)  # no 0/0 where w = 0 (a lost pair, or ḡ = 0)
-    mg_NK = (gsq_N1 * hsq_NK + xsq_N1 * gpre_NK / wsq_NK).sqrt() * cap.grad_scale
+    # sorted-pair order: one scatter puts them back in (token, slot) order, where the
+    # weights, the experts (topi_LNK) and the tokens' own norms line up without an index, and
+    # one scatter per result writes them.
+    slots_L4P = torch.stack([t for c in caps for t in (c.ma_P, c.hsq_P, c.gusq_P, c.gvsq_P)]).view(L, 4, -1).to(dt)
+    order_L4P = torch.stack([c.routing.order_P for c in caps]).unsqueeze(1).expand(-1, 4, -1)
+    ma_LNK, hsq_LNK, gu_LNK, gv_LNK = (
+        torch.empty_like(slots_L4P).scatter_(2, order_L4P, slots_L4P).view(L, 4, N, K).unbind(1))
+    gpre_LNK = gu_LNK + gv_LNK
+    w_LNK = torch.stack([c.weights_NK for c in caps]).to(dt)
+    xsq_LN1 = sqnorm(torch.stack([c.x_ND for c in caps]).to(dt)).unsqueeze(-1)
+    gsq_LN1 = sqnorm(torch.stack([c.grad_ND for c in caps]).to(dt)).unsqueeze(-1)
+    wsq_LNK = w_LNK.square().clamp_min(torch.finfo(dt).tiny)  # no 0/0 where w = 0 (a lost pair, or ḡ = 0)
+    mg_LNK = (gsq_LN1 * hsq_LNK + xsq_LN1 * gpre_LNK / wsq_LNK).sqrt() * caps[0].grad_scale
     # A pair is "lost" when its M_G cannot be divided out of the captured gradients: its
     # weight is below 1e-19 in float32 (its square is no longer a normal number; a router
     # logit gap of about 44), or its gradients are so small that their squares fell below
@@ -138,39 +143,45 @@ def ghost_step(layer: MoELayer, cap: Capture, scope: str, rows_R: Tensor | None,
     # pair whose ḡ is zero is never lost: all its gradients are zero and M_G is 0, exactly
     # (a masked token, whatever its weight). Lost pairs are rare, but which pairs are lost
     # is only known on the device, and reading it would be a host sync: so every step
-    # recomputes a fixed number of pairs, the LOST_PAIR_BUDGET lost pairs of smallest
-    # weight, and any lost pair beyond that is left out.
-    fin = torch.finfo(cap.gusq_P.dtype)
-    risk_sq = 2 * layer.d_ff * fin.tiny / 1e-6
-    lost_NK = ((w_NK < torch.finfo(dt).tiny ** 0.5) | (gpre_NK < risk_sq)) & (gsq_N1 > 0)
+    # recomputes a fixed number of pairs per layer, the LOST_PAIR_BUDGET lost pairs of
+    # smallest weight, and any lost pair beyond that is left out.
+    risk_sq = 2 * layers[0].d_ff * torch.finfo(caps[0].gusq_P.dtype).tiny / 1e-6
+    lost_LNK = ((w_LNK < torch.finfo(dt).tiny ** 0.5) | (gpre_LNK < risk_sq)) & (gsq_LN1 > 0)
     if scope == "dense":  # every row from scratch, lost pairs included
-        M_A[:], M_G[:] = ghost_dense_rows(layer, cap.x_ND, cap.upstream(dt), dt)
-        M_G.scatter_(1, topi_NK, torch.where(lost_NK, M_G.gather(1, topi_NK), mg_NK))
-        M_A.scatter_(1, topi_NK, ma_NK)
-        return torch.zeros((), dtype=torch.long, device=w_NK.device)
+        for layer, c, A, G in zip(layers, caps, M_A, M_G):
+            A[:], G[:] = ghost_dense_rows(layer, c.x_ND, c.upstream(dt), dt)
+        M_G.scatter_(2, topi_LNK, torch.where(lost_LNK, M_G.gather(2, topi_LNK), mg_LNK))
+        M_A.scatter_(2, topi_LNK, ma_LNK)
+        return torch.zeros(L, dtype=torch.long, device=w_LNK.device)
     if scope == "probe":  # the probe rows from scratch: their lost pairs are exact already
-        probe_N1 = torch.zeros(N, 1, dtype=torch.bool, device=w_NK.device).index_fill_(0, rows_R, True)
-        todo_NK = lost_NK & ~probe_N1
+        probe_LN1 = torch.zeros(L, N, 1, dtype=torch.bool, device=w_LNK.device).scatter_(1, rows_LR.unsqueeze(-1), True)
+        todo_LNK = lost_LNK & ~probe_LN1
     else:
-        todo_NK = lost_NK
+        todo_LNK = lost_LNK
     C = min(N * K, LOST_PAIR_BUDGET)
-    if C and w_NK.device.type in FREE_HOST_READS and not todo_NK.any():  # host read: free here (see above)
+    if C and w_LNK.device.type in FREE_HOST_READS and not todo_LNK.any():  # host read: free here (see above)
         C = 0
-    fix_C = torch.where(todo_NK, w_NK, float("inf")).view(-1).topk(C, largest=False).indices  # (token, slot) flat
-    # One call for the probe rows and the tokens of the pairs to fix: every expert on each row.
-    rows = fix_C // K if scope != "probe" else torch.cat([rows_R, fix_C // K])
-    if len(rows):
-        ma_RE, mg_RE = ghost_dense_rows(layer, cap.x_ND[rows], cap.upstream(dt, rows), dt)
+    todo_LX = todo_LNK.view(L, -1)  # X = N·K (token, slot) pairs, flat
+    fix_LC = torch.where(todo_LX, w_LNK.view(L, -1), float("inf")).topk(C, largest=False).indices
+    # One call per layer for its probe rows and the tokens of its pairs to fix: every expert on each row.
+    rows_LS = fix_LC // K if scope != "probe" else torch.cat([rows_LR, fix_LC // K], 1)
+    if rows_LS.shape[1]:
+        ma_LSE, mg_LSE = (torch.stack(t) for t in zip(*(
+            ghost_dense_rows(layer, c.x_ND[rows], c.upstream(dt, rows), dt)
+            for layer, c, rows in zip(layers, caps, rows_LS))))
         if scope == "probe":
-            R = len(rows_R)
-            M_A.index_copy_(0, rows_R, ma_RE[:R])
-            M_G.index_copy_(0, rows_R, mg_RE[:R])
-            mg_NK = torch.where(lost_NK & probe_N1, M_G.gather(1, topi_NK), mg_NK)
-        fixed_C = mg_RE[len(rows) - C:].gather(1, topi_NK.view(-1)[fix_C].unsqueeze(1)).squeeze(1)
-        mg_flat = mg_NK.reshape(-1)
-        mg_NK = mg_flat.index_copy(0, fix_C, torch.where(todo_NK.view(-1)[fix_C], fixed_C, mg_flat[fix_C])).view(N, K)
-    left_NK = todo_NK.reshape(-1).index_fill(0, fix_C, False).view(N, K)
-    M_A.scatter_(1, topi_NK, torch.where(left_NK, float("nan"), ma_NK))  # left out: undefined, like
-    M_G.scatter_(1, topi_NK, torch.where(left_NK, float("nan"), mg_NK))  # any entry outside the mask
-    mask_NE.scatter_(1, topi_NK, ~left_NK)  # routed entries are in every scope's mask
-    return left_NK.sum()
+            R = rows_LR.shape[1]
+            at_LRE = rows_LR.unsqueeze(-1).expand(L, R, E)
+            M_A.scatter_(1, at_LRE, ma_LSE[:, :R])
+            M_G.scatter_(1, at_LRE, mg_LSE[:, :R])
+            mg_LNK = torch.where(lost_LNK & probe_LN1, M_G.gather(2, topi_LNK), mg_LNK)
+        exp_LC = topi_LNK.view(L, -1).gather(1, fix_LC)
+        fixed_LC = mg_LSE[:, rows_LS.shape[1] - C:].gather(2, exp_LC.unsqueeze(-1)).squeeze(-1)
+        mg_LX = mg_LNK.reshape(L, -1)
+        mg_LNK = mg_LX.scatter(1, fix_LC, torch.where(todo_LX.gather(1, fix_LC), fixed_LC, mg_LX.gather(1, fix_LC)))
+        mg_LNK = mg_LNK.view(L, N, K)
+    left_LNK = todo_LX.scatter(1, fix_LC, False).view(L, N, K)
+    M_A.scatter_(2, topi_LNK, torch.where(left_LNK, float("nan"), ma_LNK))  # left out: undefined, like
+    M_G.scatter_(2, topi_LNK, torch.where(left_LNK, float("nan"), mg_LNK))  # any entry outside the mask
+    mask_LNE.scatter_(2, topi_LNK, ~left_LNK)  # routed entries are in every scope's mask
+    return left_LNK.sum((1, 2))

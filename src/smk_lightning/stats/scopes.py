@@ -23,8 +23,9 @@ def check_scope(scope: str, probe_fraction: float | None = None) -> None:
 
 
 def routed_mask(topi_NK: Tensor, num_experts: int) -> Tensor:
-    mask_NE = torch.zeros(topi_NK.shape[0], num_experts, dtype=torch.bool, device=topi_NK.device)
-    return mask_NE.scatter_(1, topi_NK, True)
+    """The routed entries ``[..., N, E]`` of ``topi_NK`` ``[..., N, K]``."""
+    mask_NE = torch.zeros(*topi_NK.shape[:-1], num_experts, dtype=torch.bool, device=topi_NK.device)
+    return mask_NE.scatter_(-1, topi_NK, True)
 
 
 def probe_count(n: int, probe_fraction: float) -> int:
@@ -32,26 +33,34 @@ def probe_count(n: int, probe_fraction: float) -> int:
     return max(1, round(probe_fraction * n))
 
 
+def probe_rows(n: int, probe_fraction: float, generators: list[torch.Generator | None],
+               device: torch.device) -> Tensor:
+    """``probe_count(n, ρ)`` distinct random rows of n for each generator (drawn on the
+    CPU), as indices ``[len(generators), R]`` on ``device``, copied without blocking."""
+    rows_LR = torch.stack([torch.randperm(n, generator=g)[: probe_count(n, probe_fraction)] for g in generators])
+    if torch.device(device).type == "cuda":  # from pinned memory the copy does not block the host
+        return rows_LR.pin_memory().to(device, non_blocking=True)
+    return rows_LR.to(device)
+
+
 def probe_index(n: int, probe_fraction: float, generator: torch.Generator | None,
                 device: torch.device) -> Tensor:
     """``probe_count(n, ρ)`` distinct random rows of n, as indices [R] on ``device``."""
-    perm = torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")
-    rows_R = perm[: probe_count(n, probe_fraction)]
-    if torch.device(device).type == "cuda":  # from pinned memory the copy does not block the host
-        return rows_R.pin_memory().to(device, non_blocking=True)
-    return rows_R.to(device)
+    return probe_rows(n, probe_fraction, [generator], device)[0]
 
 
 def scope_mask(topi_NK: Tensor, num_experts: int, scope: str, probe_fraction: float | None = None,
                generator: torch.Generator | None = None, rows_R: Tensor | None = None) -> Tensor:
-    """Defined entries [N, E]: routed pairs, every pair, or routed plus dense probe rows
-    (``rows_R``, if the caller drew them already with ``probe_index``; else drawn here)."""
+    """Defined entries ``[..., N, E]``: routed pairs, every pair, or routed plus dense probe
+    rows (``rows_R`` ``[..., R]``, if the caller drew them already with ``probe_rows``; else
+    drawn here, for an ``[N, K]`` ``topi_NK``)."""
     check_scope(scope, probe_fraction)
     mask_NE = routed_mask(topi_NK, num_experts)
     if scope == "dense":
         mask_NE.fill_(True)  # not mask[:] = True: that makes a tensor of the Python True first
     elif scope == "probe":
         if rows_R is None:
-            rows_R = probe_index(len(mask_NE), probe_fraction, generator, mask_NE.device)
-        mask_NE.index_fill_(0, rows_R, True)  # not mask[rows] = True: on CUDA that copies True to the device and waits
+            rows_R = probe_index(mask_NE.shape[-2], probe_fraction, generator, mask_NE.device)
+        # a scatter, not mask[rows] = True: on CUDA that copies True to the device and waits
+        mask_NE.scatter_(-2, rows_R.unsqueeze(-1).expand(*rows_R.shape, num_experts), True)
     return mask_NE
