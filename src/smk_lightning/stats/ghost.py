@@ -26,7 +26,6 @@ import math
 import torch
 from torch import Tensor
 
-from smk_lightning.model.experts import sqnorm
 from smk_lightning.model.moe import (
     ExpertGroups,
     MoELayer,
@@ -131,8 +130,10 @@ def ghost_step(layers: list[MoELayer], topi_LNK: Tensor, scope: str, rows_LR: Te
         torch.empty_like(slots_L4P).scatter_(2, order_L4P, slots_L4P).view(L, 4, N, K).unbind(1))
     gpre_LNK = gu_LNK + gv_LNK
     w_LNK = torch.stack([c.weights_NK for c in caps]).to(dt)
-    xsq_LN1 = sqnorm(torch.stack([c.x_ND for c in caps]).to(dt)).unsqueeze(-1)
-    gsq_LN1 = sqnorm(torch.stack([c.grad_ND for c in caps]).to(dt)).unsqueeze(-1)
+    # ‖x‖², ‖ḡ‖² per layer, then stacked: stacking x and ḡ first would copy them all (at the
+    # 0.1 B config 134 MB each, in float32)
+    xsq_LN1, gsq_LN1 = (torch.stack([torch.linalg.vector_norm(t, dim=-1, dtype=dt) for t in ts]).square().unsqueeze(-1)
+                        for ts in ([c.x_ND for c in caps], [c.grad_ND for c in caps]))
     wsq_LNK = w_LNK.square().clamp_min(torch.finfo(dt).tiny)  # no 0/0 where w = 0 (a lost pair, or ḡ = 0)
     mg_LNK = (gsq_LN1 * hsq_LNK + xsq_LN1 * gpre_LNK / wsq_LNK).sqrt() * caps[0].grad_scale
     # A pair is "lost" when its M_G cannot be divided out of the captured gradients: its
