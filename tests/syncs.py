@@ -24,7 +24,7 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import smk_lightning.stats.ghost as ghost
+from smk_lightning.stats.ghost import gpu_path
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
@@ -47,7 +47,7 @@ class HostSyncs(TorchDispatchMode):
     """``with HostSyncs() as s: ...`` → ``s.hits``: [(op, where)] of every would-be sync.
 
     Inside the window the project's code takes the GPU's path where it has a CPU-only one
-    (``stats.ghost.FREE_HOST_READS``: host reads that cost nothing on the CPU), so what is
+    (``stats.ghost.gpu_path``: host reads that cost nothing on the CPU are off), so what is
     counted is what a GPU would run."""
 
     def __init__(self) -> None:
@@ -56,12 +56,12 @@ class HostSyncs(TorchDispatchMode):
         self._lifted: dict[int, tuple[str, str]] = {}  # tensors made from Python data, not yet excused
 
     def __enter__(self):
-        self._free_reads = set(ghost.FREE_HOST_READS)
-        ghost.FREE_HOST_READS.clear()
+        self._gpu_path = gpu_path()
+        self._gpu_path.__enter__()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        ghost.FREE_HOST_READS.update(self._free_reads)
+        self._gpu_path.__exit__(*exc)
         return super().__exit__(*exc)
 
     @property

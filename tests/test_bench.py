@@ -10,6 +10,7 @@ import pytest
 
 from smk_lightning.bench import main, train_flops_per_token
 from smk_lightning.model import ModelConfig
+from smk_lightning.stats import ghost
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
 
@@ -40,7 +41,7 @@ def test_bench_runs_and_reports_mfu(tmp_path, capsys):
     level, threads = lightning_log.level, torch.get_num_threads()
     out = tmp_path / "bench.json"
     main(["--config", str(SMOKE), "--steps", "1", "--warmup", "1", "--rounds", "2", "--threads", "1",
-          "--variants", "plain", "ghost_routed", "--peak-tflops", "1", "--json", str(out)])
+          "--variants", "plain", "ghost_routed", "--peak-tflops", "1", "--count-ops", "--json", str(out)])
     res = json.loads(out.read_text())
     assert set(res["ratios"]) == {"plain", "ghost_routed"} and res["ratios"]["plain"] == 1.0
     for name in ("plain", "ghost_routed"):
@@ -50,5 +51,8 @@ def test_bench_runs_and_reports_mfu(tmp_path, capsys):
         assert len(r["ratio_rounds"]) == 2 and r["ratio_iqr"][0] <= r["ratio_iqr"][1]
         assert min(r["ratio_rounds"]) <= r["ratio_iqr"][0] and r["ratio_iqr"][1] <= max(r["ratio_rounds"])
     assert res["plain"]["ratio_rounds"] == [1.0, 1.0]
+    # --count-ops: the statistics add ops, counted on the GPU's path, which is switched back off
+    assert res["ghost_routed"]["ops_per_step"] > res["plain"]["ops_per_step"] > 0
+    assert ghost.FREE_HOST_READS == {"cpu"}
     assert "MFU" in capsys.readouterr().out
     assert (lightning_log.level, torch.get_num_threads()) == (level, threads)

@@ -22,6 +22,7 @@ import json
 import statistics
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,10 +30,12 @@ import lightning as L
 import psutil
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
 from smk_lightning.model import ModelConfig, MoELayer, MoETransformer
 from smk_lightning.module import SMKModule
+from smk_lightning.stats.ghost import gpu_path
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 
 VARIANTS = {
@@ -191,6 +194,43 @@ def peak_memory_mb(module: SMKModule, batches: list[dict], batch_size: int, prec
     return (heap.peak - heap.start) / 2**20
 
 
+class _CountOps(TorchDispatchMode):
+    def __init__(self, counts: list[int]) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[-1] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class OpCounter(L.Callback):
+    """Aten ops dispatched in each training batch (views included), on the GPU's code path
+    where the project has a CPU-only one (``stats.ghost.gpu_path``): a launch-bound GPU step
+    pays about the same per op, whatever its size."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self._on: ExitStack | None = None
+
+    def on_train_batch_start(self, *args) -> None:
+        self.counts.append(0)
+        self._on = ExitStack()
+        self._on.enter_context(gpu_path())
+        self._on.enter_context(_CountOps(self.counts))
+
+    def on_train_batch_end(self, *args) -> None:
+        self._on.close()
+
+
+def ops_per_step(module: SMKModule, batches: list[dict], batch_size: int, precision: str,
+                 device: torch.device) -> int:
+    """Ops dispatched by the second of two more training steps (the first may set up state)."""
+    counter = OpCounter()
+    fit_steps(module, batches[: 2 * batch_size], batch_size, precision, device, [counter])
+    return counter.counts[-1]
+
+
 def _quartiles(xs: list[float]) -> tuple[float, float]:
     """(first, third) quartile; both the value itself for a single round."""
     if len(xs) < 2:
@@ -214,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak FLOP/s of the device in TFLOP/s for the MFU column (default: known for "
                          "H100/H200/A100 in bf16; none on CPU)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="also count the aten ops each variant's training step dispatches (one extra step, "
+                         "the GPU's code path): what a launch-bound GPU step pays for")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice); 1 on a loaded machine, where a "
                          "descheduled second thread stalls every op")
@@ -259,9 +302,11 @@ def main(argv: list[str] | None = None) -> None:
         # After the timed rounds: the optimizer state exists, so on CPU the heap growth is the
         # step's working set (activations, gradients, statistics).
         peaks = {name: peak_memory_mb(modules[name], batches, batch_size, precision, device) for name in args.variants}
+        ops = {name: ops_per_step(modules[name], batches, batch_size, precision, device) if args.count_ops else None
+               for name in args.variants}
         tokens = batch_size * seq_len
         results = {name: {"step_s": statistics.median(times[name]), "tokens_per_s": tokens / statistics.median(times[name]),
-                          "peak_mb": peaks[name]} for name in args.variants}
+                          "peak_mb": peaks[name], "ops_per_step": ops[name]} for name in args.variants}
         base = results["plain"]["step_s"]
         results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
         # The spread of the ratio: each round's ratio to plain's time in the same round (a
@@ -288,13 +333,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, "
               f"{n_params / 1e6:.1f} M params, expert_impl {model_cfg.expert_impl} (plain_loop: loop)")
         print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'rounds: q1–q3':>14s} "
-              f"{'peak MB':>9s} {'MFU':>6s}")
+              f"{'peak MB':>9s} {'MFU':>6s}" + (f" {'ops/step':>9s}" if args.count_ops else ""))
         for name in args.variants:
             r = results[name]
             mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     —"
             q1, q3 = r["ratio_iqr"]
             print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {results['ratios'][name]:8.2f} "
-                  f"{f'{q1:.2f}–{q3:.2f}':>14s} {r['peak_mb']:9.0f} {mfu}")
+                  f"{f'{q1:.2f}–{q3:.2f}':>14s} {r['peak_mb']:9.0f} {mfu}"
+                  + (f" {r['ops_per_step']:9d}" if args.count_ops else ""))
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     finally:

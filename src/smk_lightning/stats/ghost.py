@@ -22,6 +22,7 @@ lost pairs' recompute when none is lost.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -36,10 +37,12 @@ from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 
 # Elements of one [E, rows, F] intermediate of ghost_dense_rows, by device type (about five
 # are alive at once); rows are processed in equal chunks of at most DENSE_CHUNK_ELEMENTS // (E·F).
-# CPU: 4 MB in float32, so a chunk's elementwise work stays in cache (measured, 1 thread,
-# N=2048, E=8, F=256: 2^20 vs 2^24 elements → 96 vs 153 ms dense, 24 vs 29 ms probe 0.25);
+# CPU: 2 MB in float32, so a chunk's elementwise work stays in cache (measured at E=8,
+# F=256, D=128, median ms of one layer's 512 probe rows / 2048 dense rows: 2^19 elements
+# 14–16 / 57–67 at 2 threads, 22–27 / 106–116 at 1 thread; 2^20: 20–26 / 84–106 and
+# 42–44 / 174–180; 2^18 and 2^17 about as 2^19, 2^16 slower; 2^24 slower still);
 # elsewhere (GPU): 64 MB, a few large kernels with bounded memory.
-DENSE_CHUNK_ELEMENTS = {"cpu": 1 << 20, "default": 1 << 24}
+DENSE_CHUNK_ELEMENTS = {"cpu": 1 << 19, "default": 1 << 24}
 # Routed pairs per layer and step whose M_G is recomputed when their combine weight is too
 # small to divide out (see ``ghost_step``): a fixed count, so the step has no host sync; it
 # costs one ``ghost_dense_rows`` call on this many rows (merged into the probe rows' call).
@@ -48,9 +51,22 @@ LOST_PAIR_BUDGET = 16
 # wait for: there ``ghost_step`` looks whether any routed pair was lost and, if none was
 # (nearly always), skips the budget's recompute (on the CPU it was ~6 ms of a ~290 ms step
 # at configs/default.yaml, 2 threads). The results are the same either way (in probe scope
-# to float rounding: the probe rows share a matmul with the recomputed ones). tests/syncs.py
-# empties this set while it counts the syncs a GPU would make, so CPU tests see the GPU's path.
+# to float rounding: the probe rows share a matmul with the recomputed ones). ``gpu_path()``
+# empties this set while a tool counts what a GPU would do (syncs, ops).
 FREE_HOST_READS = {"cpu"}
+
+
+@contextmanager
+def gpu_path():
+    """Within: the GPU's code path on every device (``FREE_HOST_READS`` emptied), for the
+    tools that count on the CPU what a GPU step would do (the tests' sync detector,
+    ``smk-bench --count-ops``)."""
+    free = set(FREE_HOST_READS)
+    FREE_HOST_READS.clear()
+    try:
+        yield
+    finally:
+        FREE_HOST_READS.update(free)
 
 
 @torch.no_grad()
