@@ -59,14 +59,15 @@ def layers_stats(layers: list[MoELayer], engine: Engine, scope: str, probe_fract
 
 
 def _groups(layers: list[MoELayer], batched: bool) -> list[list[int]]:
-    """Indices of layers whose statistics can be computed together: one shape, dtype and
-    loss scale (every MoE layer of a model); each layer alone unless ``batched``."""
+    """Indices of layers whose statistics can be computed together: one shape, dtype,
+    device and loss scale (every MoE layer of a model); each layer alone unless ``batched``."""
     if not batched:
         return [[i] for i in range(len(layers))]
     groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
         cap = layer.capture
-        key = (tuple(cap.routing.topi_NK.shape), layer.num_experts, layer.d_ff, _dtype(cap), id(cap.grad_scale))
+        key = (tuple(cap.routing.topi_NK.shape), layer.num_experts, layer.d_ff, _dtype(cap), cap.x_ND.device,
+               id(cap.grad_scale))
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
