@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def sqnorm(t: Tensor) -> Tensor:
-    """Squared norms over the last dimension, in one pass."""
-    return torch.linalg.vector_norm(t, dim=-1).square()
+def sqnorm(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Squared norms over the last dimension, in one pass (accumulated in ``dtype`` if given)."""
+    return torch.linalg.vector_norm(t, dim=-1, dtype=dtype).square()
 
 
 class ExpertKind:

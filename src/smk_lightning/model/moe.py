@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from smk_lightning.model.experts import get_expert_kind
+from smk_lightning.model.experts import get_expert_kind, sqnorm
 from smk_lightning.model.precision import acc_dtype, to_acc
 
 EXPERT_IMPLS = ("auto", "grouped", "loop")
@@ -140,7 +140,7 @@ class Capture:
 
 def _store_sq(cap: Capture, attr: str, grad: Tensor) -> None:
     """Tensor hook: keep the squared row norms of a gradient, accumulated in float32+."""
-    setattr(cap, attr, torch.linalg.vector_norm(grad, dim=-1, dtype=acc_dtype(grad)).square())
+    setattr(cap, attr, sqnorm(grad, acc_dtype(grad)))
     cap.fired.add(attr)
 
 
@@ -327,7 +327,7 @@ class MoELayer(nn.Module):
         acc = acc_dtype(ys_PD)
         with torch.no_grad():
             ma_P = torch.linalg.vector_norm(ys_PD, dim=-1, dtype=acc)
-            hsq_P = torch.linalg.vector_norm(h_PF, dim=-1, dtype=acc).square()
+            hsq_P = sqnorm(h_PF, acc)
         nan_P = torch.full_like(ma_P, float("nan"))  # until the hooks fire (see ``Capture``)
         pre_slots = ("gusq_P", "gvsq_P")[: len(pre)]  # one slot per input projection (u, v)
         gvsq_P = nan_P if "gvsq_P" in pre_slots else torch.zeros_like(ma_P)

@@ -148,6 +148,7 @@ def ghost_step(layers: list[MoELayer], topi_LNK: Tensor, scope: str, rows_LR: Te
     w_LNK = torch.stack([c.weights_NK for c in caps]).to(dt)
     # ‖x‖², ‖ḡ‖² per layer, then stacked: stacking x and ḡ first would copy them all (at the
     # 0.1 B config 134 MB each, in float32)
+    # (norms stacked, then squared once: one op for all layers)
     xsq_LN1, gsq_LN1 = (torch.stack([torch.linalg.vector_norm(t, dim=-1, dtype=dt) for t in ts]).square().unsqueeze(-1)
                         for ts in ([c.x_ND for c in caps], [c.grad_ND for c in caps]))
     wsq_LNK = w_LNK.square().clamp_min(torch.finfo(dt).tiny)  # no 0/0 where w = 0 (a lost pair, or ḡ = 0)
