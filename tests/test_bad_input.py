@@ -346,3 +346,8 @@ def test_trainer_clip_and_accumulation_map_to_model_optim(here, capsys):
     assert ck["global_step"] == 2
     assert ck["hyper_parameters"]["optim"]["grad_clip"] == 0.5
     assert ck["hyper_parameters"]["optim"]["accumulate_grad_batches"] == 2
+
+
+def test_barebones_is_refused(here, capsys):
+    msg = fails(here, capsys, "--trainer.barebones", "true")
+    assert "trainer.barebones=True" in msg and "smk-bench" in msg

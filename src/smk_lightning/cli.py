@@ -22,7 +22,7 @@ from argparse import ArgumentError
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -50,6 +50,7 @@ from smk_lightning.cli_checkpoint import (
 )
 from smk_lightning.cli_trainer_options import (
     check_accelerator,
+    check_barebones,
     check_precision,
     check_strategy,
     map_optim_options,
@@ -92,6 +93,7 @@ class SMKCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         cfg = _subconfig(self.config)
+        _logs_under_root_dir(cfg)
         ckpt = cfg.get("ckpt_path") if cfg is not self.config else None
         if ckpt == "last":
             ckpt = str(resolve_last(cfg))
@@ -144,6 +146,7 @@ class SMKCLI(LightningCLI):
                 "raise --model.model.max_seq_len or lower --data.seq_len"
             )
         map_optim_options(cfg)
+        check_barebones(cfg.trainer.get("barebones"))
         check_strategy(cfg.trainer.get("strategy"))
         check_accelerator(cfg.trainer.get("accelerator"))
         check_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
@@ -167,6 +170,14 @@ class SMKCLI(LightningCLI):
         kwargs.setdefault("callbacks", callbacks + extra)
         return super().instantiate_trainer(**kwargs)
 
+    def _instantiate_trainer(self, config, callbacks):
+        # --trainer.enable_checkpointing false: no checkpoint at all, so no ``checkpoint``
+        # callback either (Lightning refuses a ModelCheckpoint with checkpointing off)
+        _RUN["checkpointing"] = config.get("enable_checkpointing") is not False
+        if not _RUN["checkpointing"]:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def _check_checkpoint(self) -> None:
         ckpt = self.config[self.subcommand].get("ckpt_path")
         if ckpt and os.path.isfile(ckpt):
@@ -185,6 +196,21 @@ class SMKCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_checkpoint()
+
+
+# What ``main`` reports when the run ends early: whether a checkpoint was saved. Kept here
+# because a SIGTERM ends ``make_cli`` with an exception, leaving no CLI object to ask.
+_RUN = {"checkpointing": True}
+
+
+def _logs_under_root_dir(cfg) -> None:
+    """``--trainer.default_root_dir D`` puts the run under ``D`` as Lightning's default logger
+    would (``D/lightning_logs/…``): the configured logger's ``save_dir``, while it is still
+    the default, becomes ``D/lightning_logs`` (checkpoints live in the run directory)."""
+    root, init = cfg.trainer.get("default_root_dir"), logger_args(cfg.trainer)
+    default = TRAINER_DEFAULTS["logger"]["init_args"]["save_dir"]
+    if root is not None and init is not None and init.get("save_dir") == default:
+        init.save_dir = str(Path(root) / default)
 
 
 def _subconfig(config):
@@ -267,6 +293,12 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> SMKCLI:
     )
 
 
+def _saved() -> str:
+    if _RUN["checkpointing"]:
+        return "after saving a checkpoint; resume with --ckpt_path last"
+    return "without a checkpoint (--trainer.enable_checkpointing false)"
+
+
 def main(args: list[str] | None = None) -> None:
     """``smk``: bad settings and inputs end with one line on stderr and exit status 2."""
     quiet_third_party()
@@ -275,7 +307,7 @@ def main(args: list[str] | None = None) -> None:
     except SIGTERMException:
         # Lightning saved a checkpoint (save_on_exception) and exits with status 0; a job
         # scheduler must still see that the run did not finish.
-        sys.stderr.write("smk: stopped by SIGTERM after saving a checkpoint; resume with --ckpt_path last\n")
+        sys.stderr.write("smk: stopped by SIGTERM " + _saved() + "\n")
         sys.exit(143)
     except (ConfigError, NonFiniteTrainingError) as e:
         _error_exit(str(e))
@@ -290,7 +322,7 @@ def main(args: list[str] | None = None) -> None:
         _error_exit(msg)
     interrupt = next((c for c in cli.trainer.callbacks if isinstance(c, GracefulInterrupt)), None)
     if interrupt is not None and interrupt.requested:
-        sys.stderr.write("smk: interrupted by Ctrl-C after saving a checkpoint; resume with --ckpt_path last\n")
+        sys.stderr.write("smk: interrupted by Ctrl-C " + _saved() + "\n")
         sys.exit(130)
 
 

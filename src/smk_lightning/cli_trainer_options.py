@@ -4,8 +4,9 @@ The module optimises manually (the statistics slot in between its backward and i
 optimizer step), so Lightning refuses its own gradient clipping and accumulation with a
 traceback; the same settings live in ``model.optim``. Sharded strategies split an
 expert's weights across devices, but M_A / M_G need each expert's whole weights; and the
-"true" half precisions keep no float32 master weights. Each case is mapped (with a
-warning) or refused with one line naming the option to use, before anything runs.
+"true" half precisions keep no float32 master weights; ``barebones`` turns off the logger,
+checkpoints and monitors. Each case is mapped (with a warning) or refused with one line
+naming the option to use, before anything runs.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def _count_optimizer_steps(trainer, accum: int) -> None:
     if isinstance(trainer.get("val_check_interval"), int):
         trainer.val_check_interval *= accum
     trainer.log_every_n_steps = (trainer.get("log_every_n_steps") or 50) * accum
+
+
+def check_barebones(barebones) -> None:
+    """``barebones`` turns off what an smk run is made of (Lightning then refuses its logger
+    with a traceback): refused in one line, pointing to the benchmark for raw step speed."""
+    if barebones:
+        raise ConfigError(f"trainer.barebones={barebones} is not supported: it turns off the logger, checkpoints "
+                          "and monitors an smk run consists of; to time bare training steps use smk-bench")
 
 
 def check_strategy(strategy) -> None:

@@ -37,7 +37,9 @@ def _value(trainer, key: str) -> float | None:
     some monitors write straight to the loggers)."""
     v = trainer.callback_metrics.get(key)
     if v is None:
-        v = next((lg.latest[key] for lg in trainer.loggers if key in getattr(lg, "latest", {})), None)
+        # (isinstance: fast_dev_run's DummyLogger answers any attribute with a no-op function)
+        v = next((lg.latest[key] for lg in trainer.loggers
+                  if isinstance(getattr(lg, "latest", None), dict) and key in lg.latest), None)
     return None if v is None else float(v)
 
 
