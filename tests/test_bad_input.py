@@ -351,3 +351,9 @@ def test_trainer_clip_and_accumulation_map_to_model_optim(here, capsys):
 def test_barebones_is_refused(here, capsys):
     msg = fails(here, capsys, "--trainer.barebones", "true")
     assert "trainer.barebones=True" in msg and "smk-bench" in msg
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_only_fit_and_validate_are_offered(here, capsys, subcommand):
+    msg = fails(here, capsys, subcommand=subcommand)
+    assert repr(subcommand) in msg and "'fit', 'validate'" in msg

@@ -74,6 +74,12 @@ TRAINER_DEFAULTS = {
 
 
 class SMKCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate``: the module has no test or predict step (its held-out
+        split is the validation one), so Lightning's ``test`` / ``predict`` are not offered."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.vocab_size", "model.model.vocab_size")
         parser.add_lightning_class_args(PeriodicCheckpoint, "checkpoint")
@@ -191,11 +197,6 @@ class SMKCLI(LightningCLI):
     def before_validate(self) -> None:
         self._check_checkpoint()
 
-    def before_test(self) -> None:
-        self._check_checkpoint()
-
-    def before_predict(self) -> None:
-        self._check_checkpoint()
 
 
 # What ``main`` reports when the run ends early: whether a checkpoint was saved. Kept here

@@ -484,15 +484,6 @@ class SMKModule(L.LightningModule):
             self.log(f"val/{key}", torch.stack([m[key] for m in metrics_by_layer.values()]).nanmean(),
                      sync_dist=True)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        with torch.no_grad():
-            loss = self.lm_loss(self.model(batch["input_ids"]), batch["targets"])
-        self.log("test/loss", loss, sync_dist=True)
-
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        with torch.no_grad():
-            return self.model(batch["input_ids"]).argmax(-1)
-
     @torch.no_grad()
     def generate(self, idx_BT: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  generator: torch.Generator | None = None) -> Tensor:
