@@ -352,3 +352,33 @@ def test_sample_prompts(tmp_path):
     assert len(prompts) == 3
     assert prompts[0] == " ".join(val_docs[0].split()[:6])[:48].rstrip()
     assert all(any(d.startswith(p) for d in val_docs) for p in prompts)
+
+
+# ----------------------------------------------------------------------------- compressed files
+@pytest.mark.parametrize("ext", [".gz", ".bz2", ".xz"])
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_compressed_files_read_as_the_uncompressed_ones(tmp_path, kind, ext):
+    """``x.jsonl.gz`` is JSON lines, ``x.txt.bz2`` text: the same documents, tokens and
+    batches as the uncompressed file (the format under the compression suffix)."""
+    import bz2
+    import gzip
+    import lzma
+
+    plain = tmp_path / "plain" / f"docs.{kind}"
+    plain.parent.mkdir()
+    if kind == "txt":
+        _write_text(plain)
+    else:
+        _write_jsonl(plain)
+    packed = tmp_path / "packed" / f"docs.{kind}{ext}"
+    packed.parent.mkdir()
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[ext]
+    with opener(packed, "wb") as fh:
+        fh.write(plain.read_bytes())
+    a = _dm(tmp_path / "plain", data_files=str(plain))
+    b = _dm(tmp_path / "packed", data_files=str(packed))
+    assert a.data_format == b.data_format == ("text" if kind == "txt" else "json")
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    for x, y in zip(itertools.islice(a.train_dataloader(), 3), itertools.islice(b.train_dataloader(), 3)):
+        assert torch.equal(x["input_ids"], y["input_ids"])
+    assert a.describe().split("tokenizer")[0] == b.describe().replace(packed.name, plain.name).split("tokenizer")[0]

@@ -77,3 +77,16 @@ def test_smk_command_prints_one_line(here):
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert len([ln for ln in res.stderr.splitlines() if ln.startswith("smk: error: ")]) == 1, res.stderr
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "plain.txt.gz", "plain.txt.xz"])
+def test_compressed_file_that_does_not_decompress(here, capsys, name):
+    (here / name).write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)) * 4)  # a gzip header, then garbage
+    msg = fails(here, capsys, "--data.data_files", name)
+    assert name in msg and "does not decompress" in msg
+
+
+def test_compressed_parquet_is_refused(here, capsys):
+    (here / "rows.parquet.gz").write_bytes(b"PAR1")
+    msg = fails(here, capsys, "--data.data_files", "rows.parquet.gz")
+    assert "rows.parquet.gz" in msg and "compressed Parquet" in msg

@@ -16,7 +16,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from smk_lightning.errors import ConfigError, one_line
 
 from .corpus import DOMAINS, PROMPTS, corpus_dir, write_corpus
-from .formats import check_file, check_first_row, infer_format
+from .formats import (
+    DECOMPRESS_ERRORS,
+    check_compression,
+    check_file,
+    check_first_row,
+    infer_format,
+    open_bytes,
+    read_error,
+)
 from .loader import EpochStatefulDataLoader
 from .metrics import unigram_entropy
 from .stream import PackedTokenStream, Source
@@ -28,6 +36,31 @@ DATA_FORMATS = ("text", "json", "parquet")
 #: vocab 2048); each pass is then capped at exactly ``train_tokens`` / ``val_tokens``.
 CHARS_PER_TOKEN = 4.0
 TOKENIZER_TRAIN_CHARS = 2_000_000
+
+
+def _count_text_lines(f: str) -> tuple[int, int]:
+    """(lines that are not valid UTF-8 text, non-empty text lines) of a text file (decompressed
+    as its extension says); a file that looks binary is refused."""
+    bad = good = 0
+    with open_bytes(f) as fh:
+        if b"\0" in fh.read(8192):  # git's heuristic: NUL bytes near the start mean binary
+            raise _one_line(
+                f"data_files: {f!r} looks like a binary file (it contains NUL bytes), not text; "
+                "pass UTF-8 text files (compressed ones if they end in .gz, .bz2 or .xz), "
+                "or set data_format to json/parquet for such files."
+            )
+        fh.seek(0)
+        for raw in fh:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                bad += 1
+                continue
+            if "\0" in line:  # skipped by the stream, like undecodable lines
+                bad += 1
+            elif line.strip():
+                good += 1
+    return bad, good
 
 
 def _one_line(msg: str) -> ConfigError:
@@ -66,6 +99,7 @@ class SMKDataModule(L.LightningDataModule):
             lines that are not valid UTF-8 are skipped and counted), "json"
             (JSON lines) or "parquet". None infers it from the file extension
             (.jsonl/.json/.ndjson: json, .parquet/.pq: parquet, anything else: text).
+            Text and JSON lines may be compressed (.gz, .bz2, .xz after the extension).
         text_field: Field holding the document text in json/parquet/hub rows
             (plain text files have one field, "text").
         hub_dataset: Name of a Hugging Face hub dataset to stream (its "train"
@@ -233,23 +267,11 @@ class SMKDataModule(L.LightningDataModule):
         """Count lines that are not valid UTF-8; fail if no usable line remains."""
         bad = good = 0
         for f in self.data_files:
-            with open(f, "rb") as fh:
-                if b"\0" in fh.read(8192):  # git's heuristic: NUL bytes near the start mean binary
-                    raise _one_line(
-                        f"data_files: {f!r} looks like a binary file (it contains NUL bytes), not text; "
-                        "pass UTF-8 text files, or set data_format to json/parquet for such files."
-                    )
-                fh.seek(0)
-                for raw in fh:
-                    try:
-                        line = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        bad += 1
-                        continue
-                    if "\0" in line:  # skipped by the stream, like undecodable lines
-                        bad += 1
-                    elif line.strip():
-                        good += 1
+            try:
+                bad_f, good_f = _count_text_lines(f)
+            except DECOMPRESS_ERRORS as e:  # a compressed file that does not decompress
+                raise read_error(f, e) from None
+            bad, good = bad + bad_f, good + good_f
         self.bad_lines = bad
         if good == 0:
             raise _one_line(
@@ -276,6 +298,7 @@ class SMKDataModule(L.LightningDataModule):
         if self.hub_dataset:
             check_first_row(train_src, f"hub_dataset {self.hub_dataset!r}")
             return
+        check_compression(self.data_files, self.data_format)
         for f in self.data_files:
             check_file(f, self.data_format)
         if self.data_format == "text":

@@ -9,31 +9,76 @@ and the flag to pass.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
+import zlib
 from pathlib import Path
+from typing import IO
 
 from smk_lightning.errors import ConfigError, one_line
 
 #: File extension → ``datasets`` builder; any other extension is read as text (one document a line).
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".pq": "parquet"}
+#: Compressions ``datasets`` undoes by extension when it streams a file (``x.jsonl.gz`` is JSON
+#: lines), with the standard-library reader the checks here use on the same bytes.
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+#: What those readers raise on bytes that do not decompress.
+DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 _HEAD_BYTES = 4096
 
 
+def data_suffix(path: str) -> str:
+    """The extension that says the format, under a compression suffix: ``a.jsonl.gz`` → ``.jsonl``."""
+    p = Path(path)
+    if p.suffix.lower() in COMPRESSIONS:
+        p = p.with_suffix("")
+    return p.suffix.lower()
+
+
+def open_bytes(path: str) -> IO[bytes]:
+    """``path`` for reading bytes, decompressed if its extension names a compression."""
+    opener = COMPRESSIONS.get(Path(path).suffix.lower())
+    return open(path, "rb") if opener is None else opener(path, "rb")
+
+
+def read_error(path: str, err: Exception) -> Exception:
+    """A compressed file that does not decompress, in one line (any other error as it is)."""
+    if Path(path).suffix.lower() not in COMPRESSIONS:
+        return err
+    return ConfigError(one_line(
+        f"data_files: {path!r} does not decompress as {Path(path).suffix.lower()[1:]} "
+        f"({one_line(err)[:120] or type(err).__name__}); pass the file uncompressed or compressed whole."
+    ))
+
+
 def infer_format(files: list[str]) -> str:
-    """The format all ``files`` share by extension; a mix of formats is refused."""
+    """The format all ``files`` share by extension (under a compression suffix); a mix of
+    formats is refused, and so is compressed Parquet (it compresses inside)."""
     by_format: dict[str, list[str]] = {}
     for f in files:
-        by_format.setdefault(EXTENSIONS.get(Path(f).suffix.lower(), "text"), []).append(f)
+        by_format.setdefault(EXTENSIONS.get(data_suffix(f), "text"), []).append(f)
     if len(by_format) > 1:
         examples = ", ".join(f"{Path(fs[0]).name} is {fmt}" for fmt, fs in sorted(by_format.items()))
         raise ConfigError(
             f"data_files mix formats ({examples}); pass files of one format, or set --data.data_format "
             "to read them all one way."
         )
-    return next(iter(by_format))
+    fmt = next(iter(by_format))
+    check_compression(by_format[fmt], fmt)
+    return fmt
+
+
+def check_compression(files: list[str], fmt: str) -> None:
+    """Parquet files are read by ``datasets`` as they are: a compressed one is refused."""
+    packed = [f for f in files if Path(f).suffix.lower() in COMPRESSIONS]
+    if fmt == "parquet" and packed:
+        raise ConfigError(f"data_files: {packed[0]!r} is compressed Parquet, which cannot be read; pass the "
+                          ".parquet file itself (Parquet compresses its columns already).")
 
 
 def _flag_hint(path: str, actual: str) -> str:
-    inferred = EXTENSIONS.get(Path(path).suffix.lower(), "text")
+    inferred = EXTENSIONS.get(data_suffix(path), "text")
     if inferred == actual:
         return f"drop --data.data_format (it is inferred from the extension: {actual}) or pass --data.data_format {actual}"
     return f"pass --data.data_format {actual}"
@@ -42,8 +87,11 @@ def _flag_hint(path: str, actual: str) -> str:
 def check_file(path: str, fmt: str) -> None:
     """Refuse a file whose first bytes cannot be ``fmt`` (JSON must open with ``{`` or ``[``,
     Parquet with ``PAR1``), saying what it looks like instead."""
-    with open(path, "rb") as fh:
-        head = fh.read(_HEAD_BYTES)
+    try:
+        with open_bytes(path) as fh:
+            head = fh.read(_HEAD_BYTES)
+    except DECOMPRESS_ERRORS as e:
+        raise read_error(path, e) from None
     if fmt == "json":
         text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
         if text and text[0] not in "{[":
