@@ -57,3 +57,17 @@ def test_default_root_dir_holds_the_run_and_ckpt_path_last_finds_it(here):
     # an explicit save_dir is the user's choice and stays
     fit(here, "--trainer.default_root_dir", "runs", "--trainer.logger.init_args.save_dir", "elsewhere")
     assert (here / "elsewhere" / "smk" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_validate_without_a_checkpoint_warns(here):
+    """A forgotten --ckpt_path would evaluate untrained weights in silence."""
+    args = ["validate", "--config", SMOKE, "--data.cache_dir", str(here / "cache"), "--trainer.limit_val_batches", "1"]
+    with pytest.warns(UserWarning, match="without --ckpt_path evaluates freshly initialised weights"):
+        main(args)
+    fit(here)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        main([*args, "--ckpt_path", "last"])
+    assert not [w for w in seen if "without --ckpt_path" in str(w.message)]

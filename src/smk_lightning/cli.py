@@ -195,6 +195,9 @@ class SMKCLI(LightningCLI):
         self._check_checkpoint()
 
     def before_validate(self) -> None:
+        if not self.config[self.subcommand].get("ckpt_path"):
+            rank_zero_warn("smk validate without --ckpt_path evaluates freshly initialised weights; pass "
+                           "--ckpt_path last (or a checkpoint file) to evaluate a trained run")
         self._check_checkpoint()
 
 
