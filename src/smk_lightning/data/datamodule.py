@@ -361,9 +361,10 @@ class SMKDataModule(L.LightningDataModule):
             # Your text's validation split is not sharded: every rank evaluates the same blocks.
             # Sharded by document, ranks got different numbers of blocks (nothing caps them as
             # ``val_tokens`` caps the embedded split), and then different batch sizes (Lightning's
-            # sync_dist mean truncates the summed batch size to an integer: val/loss came out
-            # 1.1–1.5 × log(val/ppl) on 2 ranks) or batch counts (the validation statistics'
-            # collectives then pair up wrongly). Duplicated, the numbers equal one process's.
+            # sync_dist mean floors the summed batch size, Lightning-AI/pytorch-lightning#21838:
+            # val/loss came out 1.1–1.5 × log(val/ppl) on 2 ranks) or batch counts (the validation
+            # statistics' collectives then pair up wrongly). Duplicated, the numbers equal one
+            # process's.
             rank, world = 0, 1
         return PackedTokenStream(
             val_src,
