@@ -201,7 +201,6 @@ class SMKCLI(LightningCLI):
         self._check_checkpoint()
 
 
-
 # What ``main`` reports when the run ends early: whether a checkpoint was saved. Kept here
 # because a SIGTERM ends ``make_cli`` with an exception, leaving no CLI object to ask.
 _RUN = {"checkpointing": True}

@@ -54,7 +54,7 @@ def read_error(path: str, err: Exception) -> Exception:
 
 def infer_format(files: list[str]) -> str:
     """The format all ``files`` share by extension (under a compression suffix); a mix of
-    formats is refused, and so is compressed Parquet (it compresses inside)."""
+    formats is refused."""
     by_format: dict[str, list[str]] = {}
     for f in files:
         by_format.setdefault(EXTENSIONS.get(data_suffix(f), "text"), []).append(f)
@@ -64,9 +64,7 @@ def infer_format(files: list[str]) -> str:
             f"data_files mix formats ({examples}); pass files of one format, or set --data.data_format "
             "to read them all one way."
         )
-    fmt = next(iter(by_format))
-    check_compression(by_format[fmt], fmt)
-    return fmt
+    return next(iter(by_format))
 
 
 def check_compression(files: list[str], fmt: str) -> None:
