@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from smk_lightning.bench import main, train_flops_per_token
 from smk_lightning.model import ModelConfig
@@ -56,3 +57,41 @@ def test_bench_runs_and_reports_mfu(tmp_path, capsys):
     assert ghost.FREE_HOST_READS == {"cpu"}
     assert "MFU" in capsys.readouterr().out
     assert (lightning_log.level, torch.get_num_threads()) == (level, threads)
+
+
+def _error_line(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(SMOKE), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--rounds", "0"], "--rounds 0 must be >= 1"),
+    (["--warmup", "-1"], "--warmup -1 must be >= 0"),
+    (["--precision", "bogus"], "--precision=bogus is not supported"),
+    (["--precision", "bf16-true"], "--precision=bf16-true is not supported"),
+])
+def test_bad_arguments_end_in_one_line(capsys, args, message):
+    assert _error_line(capsys, *args).startswith(f"smk-bench: error: {message}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's refusals")
+def test_cuda_without_a_gpu_is_refused(capsys):
+    assert "no CUDA GPU is visible" in _error_line(capsys, "--device", "cuda")
+    assert "--precision=16-mixed needs a CUDA GPU" in _error_line(capsys, "--precision", "16-mixed")
+
+
+def test_precision_on_the_cpu(tmp_path):
+    """A bf16 config runs in float32 on the CPU (what its GPU runs train in is not the CPU's
+    bf16); an explicit --precision is taken as asked."""
+    cfg = tmp_path / "bf16.yaml"
+    cfg.write_text(SMOKE.read_text().replace("trainer:\n", "trainer:\n  precision: bf16-mixed\n", 1))
+    out = tmp_path / "b.json"
+    for extra, expected in (([], "32-true"), (["--precision", "bf16-mixed"], "bf16-mixed")):
+        main(["--config", str(cfg), "--steps", "1", "--warmup", "0", "--rounds", "1", "--threads", "1",
+              "--device", "cpu", "--variants", "plain", "--json", str(out), *extra])
+        assert json.loads(out.read_text())["meta"]["precision"] == expected

@@ -33,6 +33,8 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+from smk_lightning.cli_trainer_options import check_precision
+from smk_lightning.errors import ConfigError
 from smk_lightning.model import ModelConfig, MoELayer, MoETransformer
 from smk_lightning.module import SMKModule
 from smk_lightning.stats.ghost import gpu_path
@@ -263,22 +265,28 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if not args.config.is_file():
         ap.error(f"--config {args.config} does not exist; pass a YAML from configs/")
-    if args.steps < 1:
-        ap.error(f"--steps {args.steps} must be >= 1")
+    for flag, value, least in (("--steps", args.steps, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0),
+                               ("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1)):
+        if value is not None and value < least:
+            ap.error(f"{flag} {value} must be >= {least}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU is visible to torch; use --device cpu (or auto)")
     threads = torch.get_num_threads()
     if args.threads is not None:
-        if args.threads < 1:
-            ap.error(f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
     dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device)
     device = torch.device(dev)
     model_cfg, optim, seq_len, batch_size, precision, vmap_chunk = load_shape(args.config)
-    if args.precision:
-        precision = args.precision
-    if args.batch_size:
+    if args.batch_size is not None:
         batch_size = args.batch_size
-    if device.type == "cpu" and "bf16" in precision:  # CPU: float32 as before; CUDA keeps bf16
+    if args.precision is not None:
+        precision = args.precision  # as asked, also bf16 on the CPU
+    elif device.type == "cpu" and "bf16" in str(precision):  # a GPU config on the CPU: float32, as before
         precision = "32-true"
+    try:
+        check_precision(precision, device.type)  # what smk refuses, refused here too, in one line
+    except ConfigError as e:
+        ap.error(str(e).replace("--trainer.precision", "--precision").replace("trainer.precision", "--precision"))
     if "plain" not in args.variants:
         args.variants.insert(0, "plain")
     import logging
