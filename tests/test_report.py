@@ -71,6 +71,17 @@ def test_report_two_runs(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_runs_of_the_same_version_name_stay_apart(tmp_path):
+    """Two experiments' ``lightning_logs/smk/version_0`` are two rows, named by as much of
+    their paths as tells them apart (they were averaged as one arm, silently)."""
+    for exp, loss in (("exp_a", 2.0), ("exp_b", 3.0)):
+        _write_run(tmp_path / exp / "lightning_logs" / "smk" / "version_0", smk=True, final_val_loss=loss)
+    main([str(tmp_path / "exp_a"), str(tmp_path / "exp_b"), "--out", str(tmp_path)])
+    rows = _rows((tmp_path / "report.md").read_text())
+    assert set(rows) == {"exp_a/lightning_logs/smk/version_0", "exp_b/lightning_logs/smk/version_0"}
+    assert rows["exp_a/lightning_logs/smk/version_0"]["val loss"] == "2"
+
+
 def test_report_names(tmp_path):
     _write_run(tmp_path / "a" / "version_0", smk=True, final_val_loss=2.5)
     main([str(tmp_path / "a"), "--names", "mine", "--out", str(tmp_path)])

@@ -32,7 +32,7 @@ PLOT_TAGS = ("val/loss", "train/g_acc", "train/kl_div")
 
 # column header → what it is (and the tag it comes from), for the legend under the table
 LEGEND = {
-    "run": "run name (--names, else the run dir's parent/name)",
+    "run": "run name (--names, else the run dir's parent/name, with more of its path where two runs would share it)",
     "router loss": "`model.router.loss` (stats `model.stats.scope` / `model.stats.engine`) from config.yaml",
     "steps": "last training step logged (largest step of any `train/*` tag)",
     "val loss": "final `val/loss`",
@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("."), help="output dir (default: .)")
     parser.add_argument("--names", nargs="+", metavar="NAME",
                         help="one display name per run found, or one per RUN_DIR for every run below it; "
-                             "runs sharing a name are one mean ± std row (default: parent/name of each run dir)")
+                             "runs sharing a name are one mean ± std row (default: parent/name of each run dir, "
+                             "with more of its path where two runs would share it)")
     parser.add_argument("--group", action="store_true",
                         help="one mean ± std row per name even for single runs; without --names, runs are "
                              "grouped by their parent dir (e.g. sweep/runs/<arm>/seed<k> by arm)")
@@ -302,11 +303,22 @@ def main(argv: list[str] | None = None) -> None:
     elif args.group:
         names = [r.parent.name for _, r in found]
     else:
-        names = [f"{r.parent.name}/{r.name}" for _, r in found]
+        names = distinct_names([r for _, r in found])
 
     write_report(list(zip(names, (r for _, r in found))), args.out, args.group)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.png'} "
           f"({len(found)} runs, {len(set(names))} rows)")
+
+
+def distinct_names(runs: list[Path]) -> list[str]:
+    """``parent/name`` of each run dir, with as many more parent dirs as it takes for no two
+    runs to share a name (two runs' ``smk/version_0`` would otherwise be averaged as one arm)."""
+    parts = [r.resolve().parts for r in runs]
+    for k in range(2, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return ["/".join(p) for p in parts]
 
 
 if __name__ == "__main__":
