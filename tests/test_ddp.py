@@ -150,3 +150,46 @@ def test_validation_on_your_text_is_the_same_on_two_ranks(tmp_path, monkeypatch)
     assert abs(two["val/loss"] - math.log(two["val/ppl"])) < 1e-4, two
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=1e-4), (k, one, two)
+
+
+# --------------------------------------------------------------------------- resume under DDP
+class BatchLog(L.Callback):
+    """Each rank appends ``step crc32(input_ids)`` of every training batch to ``<tag>.rank<r>``
+    in the working directory."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import zlib
+
+        with open(f"{self.tag}.rank{trainer.global_rank}", "a") as f:
+            f.write(f"{trainer.global_step} {zlib.crc32(batch['input_ids'].numpy().tobytes())}\n")
+
+
+def test_resume_on_two_ranks_reads_each_ranks_own_data(tmp_path, monkeypatch):
+    """``--ckpt_path`` on 2 ranks: every rank goes on with its own stream, batch for batch as an
+    uninterrupted run (the checkpoint is rank 0's file; it held rank 0's data position only,
+    and after a resume rank 1 trained on rank 0's batches). On 1 process, that checkpoint's
+    data position is refused with a warning and the stream starts a fresh epoch."""
+    from smk_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    smoke = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
+
+    def fit(tag: str, steps: int, *extra: str) -> None:
+        main(["fit", "--config", smoke, "--data.cache_dir", "cache", "--trainer.max_steps", str(steps),
+              "--trainer.val_check_interval", "5", "--trainer.limit_val_batches", "1", "--samples.every_n_steps", "0",
+              "--trainer.logger.init_args.version", tag, "--trainer.callbacks+=tests.test_ddp.BatchLog",
+              "--trainer.callbacks.tag", tag, *extra])
+
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
+    fit("full", 10, *ddp)
+    fit("part", 5, *ddp)
+    fit("part", 10, *ddp, "--ckpt_path", "last")
+    for r in (0, 1):
+        full, part = ((tmp_path / f"{tag}.rank{r}").read_text().splitlines() for tag in ("full", "part"))
+        assert len(full) == 10 and part == full, r
+    assert (tmp_path / "full.rank0").read_text() != (tmp_path / "full.rank1").read_text()
+    with pytest.warns(UserWarning, match="saved by 2 rank"):
+        fit("one", 12, "--ckpt_path", "lightning_logs/smk/part/checkpoints/last.ckpt")

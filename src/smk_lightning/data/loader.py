@@ -1,13 +1,26 @@
-"""``StatefulDataLoader`` that also carries the epoch counter of the packed stream."""
+"""``StatefulDataLoader`` that also carries the epoch counter of the packed stream, and
+every data-parallel rank's position."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
+import torch.distributed as dist
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 _EPOCH_KEY = "smk_next_epoch"
+# Under DDP the checkpoint holds every rank's state, in rank order: Lightning writes rank 0's
+# checkpoint only, and each rank reads its own stream (a shard of the data).
+_RANKS_KEY = "smk_rank_states"
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class EpochStatefulDataLoader(StatefulDataLoader):
@@ -63,7 +76,7 @@ class EpochStatefulDataLoader(StatefulDataLoader):
             self._smk_next_epoch += 1
         return super()._get_iterator()
 
-    def state_dict(self) -> dict[str, Any]:
+    def _own_state_dict(self) -> dict[str, Any]:
         if self._smk_lag and self._smk_lagged_state is not None:
             sd = dict(self._smk_lagged_state)
         else:
@@ -71,8 +84,30 @@ class EpochStatefulDataLoader(StatefulDataLoader):
         sd[_EPOCH_KEY] = self._smk_next_epoch
         return sd
 
+    def state_dict(self) -> dict[str, Any]:
+        """This loader's state; under DDP every rank's (a collective: Lightning gathers the
+        checkpoint on every rank together, and writes rank 0's)."""
+        sd = self._own_state_dict()
+        rank, world = _world()
+        if world == 1:
+            return sd
+        states: list[Any] = [None] * world
+        dist.all_gather_object(states, sd)
+        return {_RANKS_KEY: states}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sd = dict(state_dict)
+        rank, world = _world()
+        states = state_dict.get(_RANKS_KEY, [state_dict])
+        if len(states) != world:
+            # Another world size reads other shards: no saved position is this rank's. The
+            # stream starts its next epoch afresh rather than repeat another rank's data.
+            warnings.warn(f"the checkpoint's data position was saved by {len(states)} rank(s) and this run has "
+                          f"{world}: the data stream starts a fresh epoch instead of resuming mid-epoch",
+                          stacklevel=2)
+            self._smk_next_epoch = int(states[0].get(_EPOCH_KEY, 0))  # the epoch after the saved one's
+            self._smk_lagged_state = None
+            return
+        sd = dict(states[rank])
         if _EPOCH_KEY in sd:
             self._smk_next_epoch = int(sd.pop(_EPOCH_KEY))
         self._smk_lagged_state = None
