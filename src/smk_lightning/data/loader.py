@@ -4,10 +4,10 @@ every data-parallel rank's position."""
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any
 
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 _EPOCH_KEY = "smk_next_epoch"
@@ -88,7 +88,7 @@ class EpochStatefulDataLoader(StatefulDataLoader):
         """This loader's state; under DDP every rank's (a collective: Lightning gathers the
         checkpoint on every rank together, and writes rank 0's)."""
         sd = self._own_state_dict()
-        rank, world = _world()
+        _, world = _world()
         if world == 1:
             return sd
         states: list[Any] = [None] * world
@@ -101,9 +101,8 @@ class EpochStatefulDataLoader(StatefulDataLoader):
         if len(states) != world:
             # Another world size reads other shards: no saved position is this rank's. The
             # stream starts its next epoch afresh rather than repeat another rank's data.
-            warnings.warn(f"the checkpoint's data position was saved by {len(states)} rank(s) and this run has "
-                          f"{world}: the data stream starts a fresh epoch instead of resuming mid-epoch",
-                          stacklevel=2)
+            rank_zero_warn(f"the checkpoint's data position was saved by {len(states)} rank(s) and this run has "
+                           f"{world}: the data stream starts a fresh epoch instead of resuming mid-epoch")
             self._smk_next_epoch = int(states[0].get(_EPOCH_KEY, 0))  # the epoch after the saved one's
             self._smk_lagged_state = None
             return
