@@ -4,7 +4,8 @@ DDP averages the gradients of the parameters it owns. The statistics need more: 
 of batch moments over all ranks (z-scores, Sinkhorn columns, row counts), one global
 decision to skip a non-finite step, and the router gradients, which DDP does not own
 (see ``SMKModule``: the smk gradient is computed by its own ``autograd.grad`` and must
-not go through DDP's reducer). On one process every function here is the identity.
+not go through DDP's reducer). The data loader gathers every rank's position into the
+checkpoint (``gather_objects``). On one process every function here is the identity.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ from torch import Tensor
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (picklable objects; a collective)."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:

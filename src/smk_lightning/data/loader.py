@@ -6,21 +6,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+from smk_lightning.distributed import gather_objects, rank, world_size
 
 _EPOCH_KEY = "smk_next_epoch"
 # Under DDP the checkpoint holds every rank's state, in rank order: Lightning writes rank 0's
 # checkpoint only, and each rank reads its own stream (a shard of the data).
 _RANKS_KEY = "smk_rank_states"
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class EpochStatefulDataLoader(StatefulDataLoader):
@@ -88,15 +82,10 @@ class EpochStatefulDataLoader(StatefulDataLoader):
         """This loader's state; under DDP every rank's (a collective: Lightning gathers the
         checkpoint on every rank together, and writes rank 0's)."""
         sd = self._own_state_dict()
-        _, world = _world()
-        if world == 1:
-            return sd
-        states: list[Any] = [None] * world
-        dist.all_gather_object(states, sd)
-        return {_RANKS_KEY: states}
+        return sd if world_size() == 1 else {_RANKS_KEY: gather_objects(sd)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rank, world = _world()
+        world = world_size()
         states = state_dict.get(_RANKS_KEY, [state_dict])
         if len(states) != world:
             # Another world size reads other shards: no saved position is this rank's. The
@@ -106,7 +95,7 @@ class EpochStatefulDataLoader(StatefulDataLoader):
             self._smk_next_epoch = int(states[0].get(_EPOCH_KEY, 0))  # the epoch after the saved one's
             self._smk_lagged_state = None
             return
-        sd = dict(states[rank])
+        sd = dict(states[rank()])
         if _EPOCH_KEY in sd:
             self._smk_next_epoch = int(sd.pop(_EPOCH_KEY))
         self._smk_lagged_state = None
