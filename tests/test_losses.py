@@ -1,7 +1,7 @@
 """The router losses and smk metrics against float64 references written from docs/design.md
-(not from the implementation): ΔSC (zscore, zscore_expert, sigmoid, surprise), the targets
+(not from the implementation): ΔSC (zscore, zscore_expert, sigmoid, surprise, log1p), the targets
 (hard, soft, balanced = Sinkhorn), smk_loss with the router distribution restricted to the
-defined experts D_t, g_acc / g_acc_dense / kl_div / topk_overlap, the Switch aux loss and
+defined experts D_t, g_acc / g_acc_dense / kl_div / topk_overlap / agreement, the Switch aux loss and
 the router z-loss — and the global-batch semantics under DDP, simulated with two ranks
 that run in lockstep on two threads."""
 
@@ -25,7 +25,7 @@ from smk_lightning.losses import (
 
 N, E = 9, 5
 TARGETS = ["hard", "soft", "balanced"]
-KINDS = ["zscore", "zscore_expert", "sigmoid", "surprise"]
+KINDS = ["zscore", "zscore_expert", "sigmoid", "surprise", "log1p"]
 SINKHORN_CONVERGED = 1000  # iterations at which the tests' Sinkhorn projections are converged
 
 
@@ -56,6 +56,8 @@ def ref_delta_sc(M_A, M_G, mask, kind):
             out[t][j] = zA[(t, j)] - zG[(t, j)]
         elif kind == "sigmoid":
             out[t][j] = sig(A[t][j]) - sig(G[t][j])
+        elif kind == "log1p":
+            out[t][j] = math.log(1.0 + A[t][j]) - math.log(1.0 + G[t][j])
         else:
             out[t][j] = -G[t][j]
     return torch.tensor(out, dtype=torch.float64)
@@ -143,7 +145,7 @@ def ref_metrics(logits, dsc, tau, k, topi):
     def mean(xs):
         return sum(xs) / len(xs) if xs else nan
 
-    hit, hit_dense, kl, ov = [], [], [], []
+    hit, hit_dense, kl, ov, agree = [], [], [], [], []
     for zt, dt, st in zip(z, d, sel):
         idx = defined(dt)
         if len(idx) >= 2:
@@ -154,7 +156,23 @@ def ref_metrics(logits, dsc, tau, k, topi):
                 hit_dense.append(h)
         if len(idx) > k:
             ov.append(len(set(st) & topk_over(dt, idx, k)) / k)
-    return {"g_acc": mean(hit), "g_acc_dense": mean(hit_dense), "kl_div": mean(kl), "topk_overlap": mean(ov)}
+        if len(idx) >= 3:
+            lp = log_softmax_over(zt, idx)
+            r = ref_corr([math.exp(lp[e]) for e in idx], [dt[e] for e in idx])
+            if r is not None:
+                agree.append(r)
+    return {"g_acc": mean(hit), "g_acc_dense": mean(hit_dense), "kl_div": mean(kl), "topk_overlap": mean(ov),
+            "agreement": mean(agree)}
+
+
+def ref_corr(xs, ys):
+    """Pearson correlation of two lists; None when either is constant."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -492,7 +510,7 @@ def test_smk_loss_without_rows_is_zero_with_a_gradient_path(target):
     loss.backward()
     assert logits.grad is not None and bool((logits.grad == 0).all())
     m = smk_metrics(logits.detach(), t, top_k=2)
-    assert set(m) == {"g_acc", "g_acc_dense", "kl_div", "topk_overlap"}
+    assert set(m) == {"g_acc", "g_acc_dense", "kl_div", "topk_overlap", "agreement"}
     assert all(math.isnan(v.item()) for v in m.values())
 
 
@@ -526,6 +544,45 @@ def test_smk_metrics_match_reference(kind, top_k, tau, selection):
     assert got["g_acc_dense"] == pytest.approx(want["g_acc_dense"], abs=1e-12)
     assert got["kl_div"] == pytest.approx(want["kl_div"], rel=1e-10, abs=1e-12)
     assert got["topk_overlap"] == pytest.approx(want["topk_overlap"], abs=1e-12)
+    assert got["agreement"] == pytest.approx(want["agreement"], rel=1e-10, abs=1e-12)
+
+
+def test_agreement_hand_built():
+    """ΔSC = −M_G (surprise). Row 0: p̃ = (1, 2, 3)/6 against ΔSC = (−3, −2, −1): same order
+    and spacing, correlation 1. Row 1: p̃ reversed: −1. Row 2: two defined experts only, left
+    out. Row 3: constant ΔSC, left out. So rows 0–3 average to 0, and row 2 alone is NaN."""
+    mask = torch.tensor([[True, True, True], [True, True, True], [True, True, False], [True, True, True]])
+    M_G = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [1.0, 2.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    M_A = torch.zeros_like(M_G)
+    logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 2.0, 1.0], [1.0, 2.0, 3.0]],
+                          dtype=torch.float64).log()  # softmax = the row / its sum
+
+    def agreement(rows):
+        t = smk_targets(M_A[rows], M_G[rows], mask[rows], "surprise", 1.0)
+        return smk_metrics(logits[rows], t, top_k=1)["agreement"].item()
+
+    assert agreement([0]) == pytest.approx(1.0, abs=1e-12)
+    assert agreement([1]) == pytest.approx(-1.0, abs=1e-12)
+    assert agreement([0, 1, 2, 3]) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(agreement([2])) and math.isnan(agreement([3]))
+
+
+def test_every_delta_sc_name_has_an_implementation_and_the_config_offers_exactly_them():
+    """The variant lists are kept once (losses/smk.py's Literals); the config field uses them."""
+    import typing
+
+    from smk_lightning.losses.smk import DELTA_SC, TARGETS
+    from smk_lightning.train_config import RouterConfig
+
+    hints = typing.get_type_hints(RouterConfig)
+    assert typing.get_args(hints["delta_sc"]) == DELTA_SC
+    assert typing.get_args(hints["target"]) == TARGETS
+    assert set(DELTA_SC) == set(KINDS)
+    M_A, M_G, mask, logits = make_inputs()
+    for kind in DELTA_SC:
+        assert torch.isfinite(delta_sc(M_A, M_G, mask, kind)[mask]).all(), kind
+    for target in TARGETS:
+        assert torch.isfinite(smk_loss(logits, smk_targets(M_A, M_G, mask, "zscore", 1.0, target), target))
 
 
 def test_topk_overlap_uses_the_given_selection():

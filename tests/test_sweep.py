@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smk_lightning.sweep import fit_command, main, parse_sets, plan
+from smk_lightning.sweep import fit_command, main, parse_sets, plan, thread_env
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
 # every run: 2 steps, logged every step, one validation at the end, no text samples
@@ -30,8 +30,11 @@ def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)  # the data cache of the runs lands here
     out = tmp_path / "sweep"
     argv = [str(SMOKE), str(SMOKE), "--names", "a", "b", "--seeds", "2", "--out", str(out),
-            "--set", *TINY, "--set", "b:model.router.balance_weight=0"]
+            "--set", *TINY, "--set", "b:model.router.balance_weight=0", "--jobs", "2"]
     main(argv)
+    out_lines = capsys.readouterr().out.splitlines()
+    # two runs side by side: the second starts before the first finishes
+    assert [line.split(":", 1)[1].split()[0] for line in out_lines[:2]] == ["running", "running"], out_lines
 
     rows = _rows((out / "report.md").read_text())
     assert set(rows) == {"a", "b"}
@@ -39,8 +42,10 @@ def test_sweep_runs_reports_and_skips_finished_runs(tmp_path, monkeypatch, capsy
         assert row["n"] == "2"
         assert "±" in row["val loss"] and "±" in row["val ppl"], row
         # the report reads the tags training logs (g_acc_dense and domain NMI may be absent)
-        for col in ("kl_div", "load max share", "dead experts", "tokens/s"):
+        for col in ("kl_div", "load max share", "dead experts", "tokens/s", "router entropy", "agreement"):
             assert "±" in row[col] and "of" not in row[col], (col, row)
+        assert len(row["per run"].split()) == 2  # seed 0's and seed 1's val loss
+        assert row["route change"] == "—"  # one validation: nothing to compare with
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     # the arm override reached b's runs only
     cfg = {arm: yaml.safe_load((out / "runs" / arm / "seed1" / "config.yaml").read_text())
@@ -82,6 +87,16 @@ def test_plan(tmp_path):
     assert plan(tmp_path / "foreign", cmd) == "conflict"
 
 
+def test_thread_env_shares_the_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert thread_env(1) is None
+    assert thread_env(2)["OMP_NUM_THREADS"] == "4"
+    assert thread_env(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the caller's choice wins
+    assert thread_env(2) is None
+
+
 def test_parse_sets():
     got = parse_sets(["trainer.max_steps=6", "b:model.router.loss=switch", "--x=a=b"], ["a", "b"])
     assert got["a"] == ["--trainer.max_steps", "6", "--x", "a=b"]
@@ -96,6 +111,7 @@ def test_parse_sets():
     ([str(SMOKE), str(SMOKE)], "arm names must differ"),
     ([str(SMOKE), "--names", "x/y"], "not a plain file name"),
     ([str(SMOKE), "--seeds", "0"], "--seeds=0"),
+    ([str(SMOKE), "--jobs", "0"], "--jobs=0"),
     ([str(SMOKE), "--set", "trainer.max_steps"], "expected key=value"),
     ([str(SMOKE), "--set", "c:trainer.max_steps=3"], "no arm named 'c'"),
 ])

@@ -57,7 +57,7 @@ from smk_lightning.stats import StatsCapture, get_engine, probe_generator
 from smk_lightning.stats.capture import TRAIN_STREAM, VAL_STREAM
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 
-METRIC_KEYS = ("g_acc", "g_acc_dense", "kl_div", "topk_overlap")
+METRIC_KEYS = ("g_acc", "g_acc_dense", "kl_div", "topk_overlap", "agreement")
 DROPPED_KEY = "train/stats_dropped_pairs"  # routed pairs the statistics left out (stats.ghost.ghost_step)
 
 
@@ -100,6 +100,8 @@ class SMKModule(L.LightningModule):
             layer.detach_router = decoupled
             if self.auxfree:
                 layer.enable_score_bias()
+            if self.router_cfg.loss == "frozen":
+                layer.router.weight.requires_grad_(False)  # no gradient, no optimizer state: it cannot move
         # The routers' gradients are reduced by hand (see the module docstring): DDP must not
         # own them, or the router-only smk gradient would need a second DDP backward.
         self._ddp_params_and_buffers_to_ignore = [n for n, _ in self.named_parameters() if ".router." in n]
@@ -146,7 +148,8 @@ class SMKModule(L.LightningModule):
         return rcfg.balance_weight if rcfg.loss == "smk" and rcfg.balance == "switch" else 0.0
 
     def router_params(self) -> list[Tensor]:
-        return [layer.router.weight for layer in self.moe_layers.values()]
+        """The routers' weights that train (none with ``router.loss=frozen``)."""
+        return [layer.router.weight for layer in self.moe_layers.values() if layer.router.weight.requires_grad]
 
     def forward(self, idx_BT: Tensor) -> Tensor:
         return self.model(idx_BT)
@@ -225,7 +228,7 @@ class SMKModule(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        broadcast_(self.router_params())  # DDP broadcasts the weights it owns; the routers are ours
+        broadcast_([layer.router.weight for layer in self.moe_layers.values()])  # DDP broadcasts the weights it owns; the routers are ours
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         opt = self.optimizers()
@@ -504,6 +507,8 @@ class SMKModule(L.LightningModule):
         cfg = self.optim_cfg
         router, decay, no_decay = [], [], []
         for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue  # a frozen router
             if ".router." in name:
                 router.append(p)
             elif p.dim() >= 2 and "embed" not in name:

@@ -54,9 +54,15 @@ GROUP_LEGEND = {
     "router loss": LEGEND["router loss"],
     "steps": LEGEND["steps"],
     "val loss": "final `val/loss`",
+    "per run": "each run's final `val/loss`, in the order of the runs (seed 0, 1, …)",
     "val ppl": "final `val/ppl`",
     "g_acc_dense": "final `val/g_acc_dense` (router argmax = ΔSC argmax on rows where every expert is defined; chance 1/E)",
     "kl_div": "final `val/kl_div`",
+    "agreement": "final `val/agreement`: target–router agreement, mean over tokens with ≥ 3 defined experts of the "
+                 "correlation of the router's probabilities with ΔSC (0: unrelated, 1: same order and spacing)",
+    "router entropy": "mean of `routing/entropy` over the last 20% of steps (uniform over E experts: log E)",
+    "route change": "final `val/route_change`: share of a fixed validation batch's tokens whose top-1 expert changed "
+                    "since the previous validation (route stability; lower is more stable)",
     "load max share": LEGEND["load max share"],
     "dead experts": LEGEND["dead experts"],
     "domain NMI": LEGEND["domain NMI"] + " (embedded corpus only)",
@@ -139,6 +145,9 @@ def _metrics(run: dict) -> dict[str, float | None]:
         "val ppl": _final(run, "val/ppl"),
         "g_acc_dense": _final(run, "val/g_acc_dense"),
         "kl_div": _final(run, "val/kl_div"),
+        "agreement": _final(run, "val/agreement"),
+        "router entropy": _tail_mean(run, "routing/entropy"),
+        "route change": _final(run, "val/route_change"),
         "load max share": _tail_mean(run, "routing/load_max_share"),
         "dead experts": _tail_mean(run, "routing/dead_experts"),
         "domain NMI": statistics.fmean(nmis) if nmis else None,
@@ -192,6 +201,9 @@ def group_row(name: str, runs: list[dict]) -> dict[str, str]:
     for col in ("router loss", "steps"):  # identical across seeds unless the arm is mixed up
         row[col] = ", ".join(dict.fromkeys(r[col] for r in per_run))
     for col in list(GROUP_LEGEND)[4:]:
+        if col == "per run":
+            row[col] = " ".join(_fmt(m["val loss"]) for m in metrics)
+            continue
         fmt = (lambda x: f"{x:.0f}") if col == "tokens/s" else (lambda x: f"{x:.4g}")
         row[col] = _mean_std([m[col] for m in metrics], len(runs), fmt)
     return row

@@ -2,7 +2,7 @@
 
     smk-sweep configs/experiments/*.yaml --base configs/default.yaml --seeds 3 --out sweeps/embedded
 
-Each run is its own process (``python -m smk_lightning.cli fit``), one after another,
+Each run is its own process (``python -m smk_lightning.cli fit``), ``--jobs`` at a time,
 seeded with ``--seed_everything k --model.stats.seed k`` for k = 0 … seeds-1 (the data
 and its order stay the same across seeds), logged to ``OUT/runs/<arm>/seed<k>/``. Then
 ``OUT/report.md`` and ``OUT/report.png`` compare the arms (``smk-report``'s grouped mode).
@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 STATE = "sweep.json"  # per run: the command it was made with and whether it finished
 LOG = "fit.log"
@@ -94,39 +97,96 @@ def _last_error(log: Path) -> str:
     return (errs or lines or ["(empty log)"])[-1][:300]
 
 
-def run_one(command: list[str], run_dir: Path, action: str) -> float:
-    """Run (or resume) one ``smk fit``; returns its seconds. Fails the sweep if it fails."""
-    if action == "fresh" and run_dir.exists():
-        shutil.rmtree(run_dir)  # a partial run without checkpoint: its events would mix in
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = {"command": command, "done": False}
-    _write_state(run_dir, state)
-    argv = [sys.executable, "-m", "smk_lightning.cli", *command]
-    if action == "resume":
-        argv += ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
-    t0 = time.perf_counter()
-    with open(run_dir / LOG, "a") as log:
-        log.write(f"$ {' '.join(argv)}\n")
-        log.flush()
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait()
-        except KeyboardInterrupt:
-            # the child got the same Ctrl-C: give it time to save last.ckpt (subprocess.run
-            # would kill it after 0.25 s)
+@dataclass
+class Run:
+    """One run of the sweep; ``proc`` and ``log`` while it is running."""
+
+    name: str
+    seed: int
+    command: list[str]
+    run_dir: Path
+    action: str  # plan()'s answer
+    head: str = ""  # "[i/n] arm seed k:" of the sweep's progress lines
+    proc: subprocess.Popen | None = None
+    log: IO | None = None
+    t0: float = 0.0
+
+    def start(self, env: dict[str, str] | None) -> None:
+        """Launch (or resume) the run's ``smk fit`` in the background."""
+        if self.action == "fresh" and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)  # a partial run without checkpoint: its events would mix in
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_state(self.run_dir, {"command": self.command, "done": False})
+        argv = [sys.executable, "-m", "smk_lightning.cli", *self.command]
+        if self.action == "resume":
+            argv += ["--ckpt_path", str(self.run_dir / "checkpoints" / "last.ckpt")]
+        self.log = open(self.run_dir / LOG, "a")  # noqa: SIM115 (closed in finish())
+        self.log.write(f"$ {' '.join(argv)}\n")
+        self.log.flush()
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def finish(self) -> str | None:
+        """After the process ended: mark the run done, or return its error line."""
+        self.log.close()
+        rc = self.proc.returncode
+        if rc != 0:
+            # smk's own bad-input status stays 2; anything else is a failed run
+            return f"{self.run_dir} failed (exit {rc}): {_last_error(self.run_dir / LOG)} (log: {self.run_dir / LOG})"
+        seconds = time.perf_counter() - self.t0
+        _write_state(self.run_dir, {"command": self.command, "done": True, "seconds": round(seconds, 1)})
+        return None
+
+
+def thread_env(jobs: int) -> dict[str, str] | None:
+    """The environment of each run when ``jobs`` run side by side: an equal share of the CPU
+    cores as torch's threads (``OMP_NUM_THREADS``), unless the caller set it; None (inherit
+    everything) for one job at a time."""
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+
+
+def run_all(runs: list[Run], jobs: int, poll_s: float = 0.5) -> None:
+    """Run every run not yet done, ``jobs`` at a time. A failed run stops new starts; the
+    others finish (so their state is written), then the sweep fails with the first error.
+    Ctrl-C reaches the runs too: each saves its last.ckpt, and the sweep waits for them."""
+    env = thread_env(jobs)
+    todo = [r for r in runs if r.action != "skip"]
+    for i, r in enumerate(runs, 1):
+        r.head = f"[{i}/{len(runs)}] {r.name} seed {r.seed}:"
+        if r.action == "skip":
+            print(f"{r.head} done before, skipped", flush=True)
+    running: list[Run] = []
+    error = None
+    try:
+        while (todo and error is None) or running:
+            while todo and error is None and len(running) < jobs:
+                r = todo.pop(0)
+                print(f"{r.head} {'resuming' if r.action == 'resume' else 'running'} (log: {r.run_dir / LOG})",
+                      flush=True)
+                r.start(env)
+                running.append(r)
+            time.sleep(poll_s)
+            for r in [r for r in running if r.proc.poll() is not None]:
+                running.remove(r)
+                err = r.finish()
+                if err is None:
+                    print(f"{r.head} finished in {time.perf_counter() - r.t0:.0f} s", flush=True)
+                elif error is None:
+                    error = (err, 2 if r.proc.returncode == 2 else 1)
+    except KeyboardInterrupt:
+        # the runs got the same Ctrl-C: give each time to save last.ckpt
+        for r in running:
             try:
-                proc.wait(timeout=300)
+                r.proc.wait(timeout=300)
             except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                proc.kill()
-                proc.wait()
-            _fail(f"interrupted during {run_dir}; run the same command again to resume", 130)
-    seconds = time.perf_counter() - t0
-    if rc != 0:
-        # smk's own bad-input status stays 2; anything else is a failed run
-        _fail(f"{run_dir} failed (exit {rc}): {_last_error(run_dir / LOG)} (log: {run_dir / LOG}); "
-              "fix it and run the same command again to resume", 2 if rc == 2 else 1)
-    _write_state(run_dir, {**state, "done": True, "seconds": round(seconds, 1)})
-    return seconds
+                r.proc.kill()
+                r.proc.wait()
+        _fail(f"interrupted during {', '.join(str(r.run_dir) for r in running)}; "
+              "run the same command again to resume", 130)
+    if error is not None:
+        _fail(f"{error[0]}; fix it and run the same command again to resume", error[1])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int,
                         help="trainer.max_steps of every run (validation runs every trainer.val_check_interval "
                              "steps: keep that a divisor of the steps, or the last validation is not at the end)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs side by side (default: 1); on the CPU each gets an equal share of the cores "
+                             "as its threads (OMP_NUM_THREADS, unless you set it); on a GPU they share the GPU")
     parser.error = _fail  # one line, not the usage block
     args = parser.parse_args(argv)
 
@@ -160,35 +223,31 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"{c}: no such config file")
     if args.seeds < 1:
         _fail(f"--seeds={args.seeds} must be >= 1")
+    if args.jobs < 1:
+        _fail(f"--jobs={args.jobs} must be >= 1")
     if args.steps is not None and args.steps < 1:
         _fail(f"--steps={args.steps} must be >= 1")
     sets = parse_sets(args.sets, names)
 
-    runs = (args.out / "runs").resolve()
+    runs_dir = (args.out / "runs").resolve()
     steps = ["--trainer.max_steps", str(args.steps)] if args.steps else []
-    jobs = []  # (name, seed, command, run dir, action)
+    runs: list[Run] = []
     for name, cfg in zip(names, args.configs):
         configs = [p.resolve() for p in [*args.base, cfg]]
         for seed in range(args.seeds):
-            cmd = fit_command(configs, seed, runs, name, sets[name] + steps)
-            run_dir = runs / name / f"seed{seed}"
-            jobs.append((name, seed, cmd, run_dir, plan(run_dir, cmd)))
-    conflicts = [j[3] for j in jobs if j[4] == "conflict"]
+            cmd = fit_command(configs, seed, runs_dir, name, sets[name] + steps)
+            run_dir = runs_dir / name / f"seed{seed}"
+            runs.append(Run(name, seed, cmd, run_dir, plan(run_dir, cmd)))
+    conflicts = [r.run_dir for r in runs if r.action == "conflict"]
     if conflicts:
         _fail(f"{conflicts[0]} was made by a different command (configs, --set or --steps changed) "
               "or not by smk-sweep; use another --out or delete that run dir")
 
-    for i, (name, seed, cmd, run_dir, action) in enumerate(jobs, 1):
-        head = f"[{i}/{len(jobs)}] {name} seed {seed}:"
-        if action == "skip":
-            print(f"{head} done before, skipped", flush=True)
-            continue
-        print(f"{head} {'resuming' if action == 'resume' else 'running'} (log: {run_dir / LOG})", flush=True)
-        print(f"{head} finished in {run_one(cmd, run_dir, action):.0f} s", flush=True)
+    run_all(runs, args.jobs)
 
     from smk_lightning.report import write_report
 
-    write_report([(j[0], j[3]) for j in jobs], args.out, group=True)
+    write_report([(r.name, r.run_dir) for r in runs], args.out, group=True)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.png'} "
           f"({len(names)} arms × {args.seeds} seeds)")
 

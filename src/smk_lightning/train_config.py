@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from smk_lightning.errors import ConfigError
+from smk_lightning.losses.smk import DeltaSC, Target
 from smk_lightning.stats.scopes import check_probe_fraction, check_scope
 from smk_lightning.stats.vmap import DEFAULT_CHUNK_SIZE, check_chunk_size
 
@@ -82,8 +83,8 @@ class StatsConfig:
 class RouterConfig:
     """How the router is trained."""
 
-    loss: Literal["smk", "switch", "auxfree", "none"] = "smk"
-    """smk: smk_loss on ΔSC targets; switch: Switch load-balancing loss; auxfree: aux-loss-free bias balancing (no router loss); none: main loss only."""
+    loss: Literal["smk", "switch", "auxfree", "none", "frozen"] = "smk"
+    """smk: smk_loss on ΔSC targets; switch: Switch load-balancing loss; auxfree: aux-loss-free bias balancing (no router loss); none: main loss only; frozen: the random initial router is never trained (the zero-learning control)."""
     weight: float = 1.0
     """Weight of the router loss chosen in `loss` (smk_loss or the Switch aux loss; Switch usually 0.01)."""
     balance: Literal["switch", "auxfree", "none"] = "switch"
@@ -94,9 +95,9 @@ class RouterConfig:
     """Aux-loss-free balancing: per-step change of each expert's routing bias (DeepSeek-V3's γ)."""
     z_loss_weight: float = 0.0
     """Weight of the router z-loss (combinable with any `loss`; 0 disables)."""
-    delta_sc: Literal["zscore", "zscore_expert", "sigmoid", "surprise"] = "zscore"
-    """ΔSC: z(M_A) − z(M_G) (global z-scores), the same with each expert column standardised on its own, σ(M_A) − σ(M_G), or −M_G."""
-    target: Literal["hard", "soft", "balanced"] = "soft"
+    delta_sc: DeltaSC = "zscore"
+    """ΔSC: z(M_A) − z(M_G) (global z-scores), the same with each expert column standardised on its own, σ(M_A) − σ(M_G), −M_G, or log1p(M_A) − log1p(M_G)."""
+    target: Target = "soft"
     """hard: CE to argmax ΔSC; soft: KL(softmax(ΔSC/τ) ‖ p̃); balanced: soft, with Q on dense rows Sinkhorn-balanced over experts."""
     tau: float = 1.0
     """Temperature τ of the soft target (also used for the kl_div metric)."""
@@ -113,3 +114,6 @@ class RouterConfig:
         for name in ("weight", "balance_weight", "z_loss_weight", "auxfree_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"router.{name}={getattr(self, name)} must be >= 0")
+        if self.loss == "frozen" and self.z_loss_weight > 0:
+            raise ConfigError(f"router.loss=frozen with router.z_loss_weight={self.z_loss_weight}: a frozen router "
+                              "has nothing to regularise; set router.z_loss_weight=0")

@@ -8,6 +8,10 @@ Tags (``<layer>`` is ``layer<i>``):
     routing/entropy                                    mean per-token router entropy (nats)
     routing/dead_experts                               experts that got no token this step, all layers
     routing/<layer>/domain_nmi                         NMI(chosen expert; token domain)
+    val/route_change                                   route stability: share of a fixed validation
+                                                       batch's tokens (the first validation's first
+                                                       batch) whose top-1 expert changed since the
+                                                       previous validation, mean over MoE layers
     stats/<layer>/M_A_mean, stats/<layer>/M_G_mean     means over defined entries
     figures: routing/<layer>/expert_domain, stats/<layer>/M_G_expert_domain
 
@@ -91,6 +95,28 @@ class RouterMonitor(L.Callback):
         self._entropy: list[torch.Tensor] = []  # mean router entropy of its micro-batches
         self._seen: dict[str, torch.Tensor] = {}  # M_A tensor of each layer's last used statistics
         self._stats_due = True  # a log step passed since the statistics' scalars were last logged
+        # route stability: the fixed validation batch and its top-1 experts [L, N] at the last validation
+        self._route_ids: torch.Tensor | None = None
+        self._route_top1: torch.Tensor | None = None
+
+    def state_dict(self) -> dict:
+        return {"route_ids": self._route_ids, "route_top1": self._route_top1}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._route_ids, self._route_top1 = state_dict.get("route_ids"), state_dict.get("route_top1")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """Route stability, once per validation (its first batch; not in the sanity check)."""
+        if trainer.sanity_checking or batch_idx != 0 or dataloader_idx != 0 or not pl_module.moe_layers:
+            return
+        if self._route_ids is None:
+            self._route_ids = batch["input_ids"].detach().cpu().clone()
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            pl_module.model(self._route_ids.to(pl_module.device))
+        top1_LN = torch.stack([layer.last_topi_NK[:, 0] for layer in pl_module.moe_layers.values()]).cpu()
+        prev, self._route_top1 = self._route_top1, top1_LN
+        if prev is not None and prev.shape == top1_LN.shape:
+            log_now(trainer, {"val/route_change": (prev != top1_LN).float().mean()}, trainer.global_step)
 
     @staticmethod
     def _domain_names(trainer) -> list[str]:

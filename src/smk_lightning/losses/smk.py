@@ -19,15 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from smk_lightning.model.precision import to_acc
 
-DELTA_SC = ("zscore", "zscore_expert", "sigmoid", "surprise")
-TARGETS = ("hard", "soft", "balanced")
+# The variants, each listed once: the config's field types are these Literals, the tuples
+# name them in error messages, and a test checks that every name has an implementation.
+DeltaSC = Literal["zscore", "zscore_expert", "sigmoid", "surprise", "log1p"]
+Target = Literal["hard", "soft", "balanced"]
+DELTA_SC: tuple[str, ...] = get_args(DeltaSC)
+TARGETS: tuple[str, ...] = get_args(Target)
 
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -55,7 +59,9 @@ def delta_sc(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str = "zscore",
     """Synergy score [N, E]; -inf where undefined.
 
     zscore: z-scores over all defined entries of the (global) batch; zscore_expert: each
-    expert column standardised over the tokens where it is defined."""
+    expert column standardised over the tokens where it is defined; sigmoid: σ(M_A) − σ(M_G);
+    surprise: −M_G; log1p: log1p(M_A) − log1p(M_G) (no batch moments, so no outlier
+    sensitivity)."""
     if kind in ("zscore", "zscore_expert"):
         dim = None if kind == "zscore" else -2
         d = _zscore(M_A, mask_NE, dim, all_reduce) - _zscore(M_G, mask_NE, dim, all_reduce)
@@ -63,6 +69,8 @@ def delta_sc(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str = "zscore",
         d = torch.sigmoid(M_A) - torch.sigmoid(M_G)
     elif kind == "surprise":
         d = -M_G
+    elif kind == "log1p":
+        d = torch.log1p(M_A) - torch.log1p(M_G)
     else:
         raise ValueError(f"delta_sc {kind!r} does not exist; use one of {DELTA_SC}")
     return d.masked_fill(~mask_NE, float("-inf"))
@@ -98,7 +106,7 @@ class SMKTargets:
 
 
 def smk_targets(M_A: Tensor, M_G: Tensor, mask_NE: Tensor, kind: str, tau: float,
-                target: Literal["hard", "soft", "balanced"] = "soft", sinkhorn_iters: int = 20,
+                target: Target = "soft", sinkhorn_iters: int = 20,
                 all_reduce: AllReduce = _no_reduce) -> SMKTargets:
     """Targets from the statistics; detached, so they never carry gradient."""
     dsc_NE = delta_sc(to_acc(M_A.detach()), to_acc(M_G.detach()), mask_NE, kind, all_reduce)
@@ -126,7 +134,7 @@ def _kl_rows(t: SMKTargets, logp_NE: Tensor) -> Tensor:
     return torch.where(t.mask_NE, torch.xlogy(q_NE, q_NE) - q_NE * logp_NE, 0.0).sum(-1)
 
 
-def smk_loss_sum(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft", "balanced"]) -> Tensor:
+def smk_loss_sum(logits_NE: Tensor, t: SMKTargets, target: Target) -> Tensor:
     """Σ over the valid rows of CE to the argmax target (hard) or KL(Q ‖ p̃) (soft, balanced)
     (one sum per ``[N, E]``)."""
     logp_NE = _masked_log_softmax(logits_NE, t)
@@ -139,7 +147,7 @@ def smk_loss_sum(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft
     return torch.where(t.rows_N, per_row, 0.0).sum(-1)
 
 
-def smk_loss(logits_NE: Tensor, t: SMKTargets, target: Literal["hard", "soft", "balanced"],
+def smk_loss(logits_NE: Tensor, t: SMKTargets, target: Target,
              all_reduce: AllReduce = _no_reduce) -> Tensor:
     """Mean over the valid rows of the global batch of this rank's share: summed over the
     ranks it is the global mean (0 with gradient 0 when no row is valid); one per ``[N, E]``."""
@@ -161,7 +169,10 @@ def smk_metrics(logits_NE: Tensor, t: SMKTargets, top_k: int, topi_NK: Tensor | 
     g_acc_dense: the same over rows where every expert is defined (chance 1/E);
     kl_div: mean KL(Q ‖ p̃) over rows with |D_t| ≥ 2 (with the configured τ);
     topk_overlap: |S_t ∩ topk(ΔSC_t)| / k over rows with more than k defined experts, S_t
-    the router's own selection (``topi_NK``; the logits' top-k when not given)."""
+    the router's own selection (``topi_NK``; the logits' top-k when not given);
+    agreement: target–router agreement, the Pearson correlation over D_t of the router's p̃_t
+    and ΔSC_t, averaged over rows with |D_t| ≥ 3 (two points only give the sign of the
+    order, which g_acc already counts) where neither is constant."""
     logp_NE = _masked_log_softmax(logits_NE, t)
     hit_N = (logp_NE.argmax(1) == t.hard_N).to(logp_NE.dtype)
     wide_N = t.mask_NE.sum(1) > top_k
@@ -176,4 +187,23 @@ def smk_metrics(logits_NE: Tensor, t: SMKTargets, top_k: int, topi_NK: Tensor | 
         "g_acc_dense": _masked_mean(hit_N, t.dense_N & t.rows_N),
         "kl_div": _masked_mean(_kl_rows(t, logp_NE), t.rows_N),
         "topk_overlap": _masked_mean(overlap_N, wide_N),
+        "agreement": _agreement(logp_NE.exp(), t),
     }
+
+
+def _agreement(p_NE: Tensor, t: SMKTargets) -> Tensor:
+    """Mean over rows with |D_t| ≥ 3 of corr_{D_t}(p̃_t, ΔSC_t); rows where either is
+    constant on D_t (no correlation defined) are left out. NaN when no row qualifies."""
+    m_NE = t.mask_NE.to(p_NE.dtype)
+    n_N = m_NE.sum(-1)
+    dsc_NE = torch.where(t.mask_NE, t.dsc_NE.to(p_NE.dtype), 0.0)
+
+    def centred(x_NE: Tensor) -> Tensor:
+        return (x_NE - (x_NE * m_NE).sum(-1, keepdim=True) / n_N.clamp_min(1).unsqueeze(-1)) * m_NE
+
+    a_NE, b_NE = centred(p_NE), centred(dsc_NE)
+    var_a_N, var_b_N = a_NE.square().sum(-1), b_NE.square().sum(-1)
+    tiny = torch.finfo(p_NE.dtype).tiny
+    ok_N = (n_N >= 3) & (var_a_N > tiny) & (var_b_N > tiny)
+    corr_N = (a_NE * b_NE).sum(-1) / (var_a_N * var_b_N).clamp_min(tiny).sqrt()
+    return _masked_mean(corr_N, ok_N)
