@@ -67,24 +67,14 @@ def test_top_k_above_num_experts(here, capsys):
     assert "top_k=9" in msg and "num_experts=8" in msg
 
 
-def test_compile_is_refused(here, capsys):
-    msg = fails(here, capsys, "--model.model.compile", "true")
-    assert "model.compile=true" in msg and "model.compile=false" in msg
-
-
-def test_compile_still_breaks_the_capture():
-    """The reason model.compile is refused, checked against the installed torch: compiled
-    (aot_eager, so no C compiler is needed; loop experts, as grouped_mm has no float32
-    compile rule), the capture's gradient hooks get no gradient. When this test fails,
-    torch has fixed it: support model.compile instead of refusing it."""
-    from smk_lightning.model.moe import MoELayer
-
-    torch._dynamo.reset()
-    layer = MoELayer(16, 32, 4, 2, expert_impl="loop")
-    layer.capture_stats = True
-    with pytest.raises(TypeError, match="NoneType"):  # acc_dtype(None.dtype) in the hook
-        torch.compile(layer, backend="aot_eager")(torch.randn(8, 16)).square().sum().backward()
-    torch._dynamo.reset()
+@pytest.mark.parametrize("extra, words", [
+    (("--trainer.precision", "64-true"), "trainer.precision=64-true"),
+    (("--model.model.activation_checkpointing", "true"), "activation_checkpointing=true"),
+    (("--model.model.expert_impl", "loop"), "expert_impl to auto or grouped"),
+])
+def test_compile_refuses_what_it_cannot_hold(here, capsys, extra, words):
+    msg = fails(here, capsys, "--model.model.compile", "true", *extra)
+    assert "model.compile=true" in msg and words in msg, msg
 
 
 def test_d_model_not_divisible_by_heads(here, capsys):

@@ -50,18 +50,18 @@ class InterleavedData(RandomDataModule):
         return DataLoader(self.ds, batch_size=self.batch_size, sampler=sampler)
 
 
-def run(tmp: Path, scope: str, devices: int) -> list[dict]:
+def run(tmp: Path, scope: str, devices: int, compile_model: bool = False, precision: str = "64-true") -> list[dict]:
     L.seed_everything(0)
     module = SMKModule(
-        model=tiny_model(),
+        model=tiny_model(compile=compile_model),
         optim=OptimConfig(warmup_steps=1, grad_clip=1.0),
         stats=StatsConfig(scope=scope, engine="ghost", val_batches=0),
         router=RouterConfig(loss="smk", balance="switch", balance_weight=0.5, z_loss_weight=0.01),
     )
-    out = tmp / f"{scope}{devices}"
+    out = tmp / f"{scope}{devices}{'c' if compile_model else ''}{precision}"
     out.mkdir()
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=devices, precision="64-true",
+        max_steps=STEPS, accelerator="cpu", devices=devices, precision=precision,
         strategy="ddp_spawn" if devices > 1 else "auto",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, callbacks=[Recorder(str(out))], use_distributed_sampler=False,

@@ -361,8 +361,9 @@ def test_loss_scale_is_divided_out():
 
 
 def test_a_pruned_backward_is_caught():
-    """A backward that does not reach u/v (autograd.grad to w2 only) leaves hooks unfired:
-    the capture says so instead of returning wrong M_G (slots start as NaN)."""
+    """A backward that does not reach the capture's sinks (autograd.grad to w2 only, or a
+    backward to one sink only) leaves their gradients None: the capture names them instead
+    of returning wrong M_G."""
     from smk_lightning.stats import StatsCapture
 
     torch.manual_seed(0)
@@ -370,6 +371,10 @@ def test_a_pruned_backward_is_caught():
     x = torch.randn(16, 8)
     with StatsCapture({"l": layer}) as cap:
         torch.autograd.grad(layer(x).square().sum(), [layer.w2])
-        with pytest.raises(RuntimeError, match="gusq_P"):
+        with pytest.raises(RuntimeError, match="sink_ND, sink_PS of MoE layer l"):
             cap.check()
-        assert torch.isnan(layer.capture.gusq_P).all()
+    with StatsCapture({"l": layer}) as cap:
+        layer(x).square().sum().backward(inputs=[layer.capture.sinks.out_ND])
+        with pytest.raises(RuntimeError, match="reach sink_PS of MoE layer l"):
+            cap.check()
+        assert layer.capture.sinks.pre_PS.grad is None

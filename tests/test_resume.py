@@ -1,6 +1,7 @@
 """Exact resume (docs/design.md): a run of 2n steps and a run stopped after n steps then
 resumed from its checkpoint give the same losses at every step and see the same batches
-(CPU, float32, deterministic algorithms on; equal to 1e-6). Probe scope: the probe rows
+(CPU, float32, deterministic algorithms on; equal to 1e-6), eager and with
+``model.compile: true``. Probe scope: the probe rows
 are a pure function of the step, so nothing random needs to be checkpointed."""
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def batches(path: Path) -> list[tuple[int, list[int]]]:
     return [tuple(json.loads(line)) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["eager", "compiled"])
+def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("resume")
+    compiled = ("--model.model.compile", "true") if request.param else ()
     cache = root / "cache"
     cwd = Path.cwd()
     import os
@@ -89,12 +91,12 @@ def runs(tmp_path_factory):
     os.chdir(root)
     try:
         torch.use_deterministic_algorithms(False)
-        fit(root, cache, "full", callbacks_arg(root / "full.jsonl"))
-        fit(root, cache, "first", callbacks_arg(root / "first.jsonl", N_STEPS, root))
+        fit(root, cache, "full", callbacks_arg(root / "full.jsonl"), *compiled)
+        fit(root, cache, "first", callbacks_arg(root / "first.jsonl", N_STEPS, root), *compiled)
         first_dir = root / "logs" / "first" / "version_0"
         last = first_dir / "checkpoints" / "last.ckpt"
         resume_from = last if last.is_file() else root / "explicit.ckpt"
-        fit(root, cache, "second", callbacks_arg(root / "second.jsonl"), "--ckpt_path", str(resume_from))
+        fit(root, cache, "second", callbacks_arg(root / "second.jsonl"), "--ckpt_path", str(resume_from), *compiled)
     finally:
         os.chdir(cwd)
         torch.use_deterministic_algorithms(False)

@@ -48,20 +48,24 @@ def run_one_step(router: RouterConfig, stats: StatsConfig) -> tuple[SMKModule, R
 
 
 def layer_inputs_and_grads(model, batch):
-    """x and ∂L_sum/∂o of every MoE layer, by forward hooks and torch.autograd.grad."""
+    """x and ∂L_sum/∂o of every MoE layer: the model's forward written out here (each block
+    is x + attn(norm(x)), then + ffn(norm(·))), keeping each MoE layer's input and output,
+    and torch.autograd.grad."""
     xs, outs = {}, {}
-    handles = []
-    for name, layer in model.moe_layers().items():
-        def hook(mod, args, out, name=name):
-            xs[name] = args[0].detach().reshape(-1, mod.d_model)
-            outs[name] = out
-        handles.append(layer.register_forward_hook(hook))
-    logits = model(batch["input_ids"])
+    moe = {id(layer): name for name, layer in model.moe_layers().items()}
+    x = model.embed(batch["input_ids"])
+    for block in model.blocks:
+        x = x + block.attn(block.attn_norm(x), model.rot_TC2)
+        h = block.ffn_norm(x)
+        o = block.ffn(h)
+        if id(block.ffn) in moe:
+            xs[moe[id(block.ffn)]] = h.detach().reshape(-1, h.shape[-1])
+            outs[moe[id(block.ffn)]] = o
+        x = x + o
+    logits = model.head(model.norm(x))
     loss_sum = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), reduction="sum")
     names = list(outs)
     grads = torch.autograd.grad(loss_sum, [outs[n] for n in names], retain_graph=True)
-    for h in handles:
-        h.remove()
     return xs, {n: g.reshape(-1, g.shape[-1]) for n, g in zip(names, grads)}, loss_sum / batch["targets"].numel()
 
 

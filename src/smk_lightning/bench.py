@@ -2,6 +2,7 @@
 process, as ratios to the plain step (BENCHMARKS.md targets).
 
     smk-bench --config configs/default.yaml --steps 5 --json bench.json
+    smk-bench --config configs/default.yaml --compile     # eager plain beside the compiled variants
 
 Each variant trains ``warmup + steps`` steps of the real ``SMKModule.training_step``
 (Lightning manual optimisation) on random tokens of the config's shape; the median
@@ -40,7 +41,7 @@ from smk_lightning.module import SMKModule
 from smk_lightning.stats.ghost import gpu_path
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 
-VARIANTS = {
+_EAGER = {
     # name: (stats engine, scope, probe_fraction, dense_only, expert_impl override)
     "plain": (None, None, None, False, None),
     "plain_loop": (None, None, None, False, "loop"),  # experts one matmul each, not grouped GEMMs
@@ -51,6 +52,11 @@ VARIANTS = {
     "vmap_dense": ("vmap", "dense", None, False, None),
     "dense_ffn": (None, None, None, True, None),
 }
+# The same with model.compile: true (the statistics engines run after the backward, eager;
+# the vmap and loop variants are not compiled).
+COMPILED = ("plain", "ghost_routed", "ghost_dense", "ghost_probe25", "dense_ffn")
+VARIANTS = {**{name: (*v, False) for name, v in _EAGER.items()},
+            **{f"{name}_compiled": (*_EAGER[name], True) for name in COMPILED}}
 
 
 class StepTimer(L.Callback):
@@ -151,9 +157,11 @@ def random_batches(n: int, batch_size: int, seq_len: int, vocab: int) -> list[di
 
 
 def build_module(name: str, model_cfg: ModelConfig, optim: OptimConfig, vmap_chunk: int) -> SMKModule:
-    engine, scope, rho, dense_only, expert_impl = VARIANTS[name]
+    engine, scope, rho, dense_only, expert_impl, compiled = VARIANTS[name]
     if expert_impl is not None:
         model_cfg = replace(model_cfg, expert_impl=expert_impl)
+    if compiled:
+        model_cfg = replace(model_cfg, compile=True)
     stats = StatsConfig(enabled=engine is not None, engine=engine or "ghost", scope=scope or "routed",
                         probe_fraction=rho or 0.25, val_batches=0, vmap_chunk_size=vmap_chunk)
     # smk_loss is on whenever statistics are, without the balance term (which needs no
@@ -248,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant and round")
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleave the variants this many times (vmap variants run once: they are slow)")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run")
+    ap.add_argument("--variants", nargs="+", default=list(_EAGER), choices=list(VARIANTS),
+                    help="variants to run (default: the eager ones)")
+    ap.add_argument("--compile", action="store_true",
+                    help="run plain and the compiled variants (model.compile: true) instead of the default set; "
+                         "ratios are then also given against plain_compiled")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--precision", default=None, help="override the config's trainer.precision")
     ap.add_argument("--batch-size", type=int, default=None, help="override the config's data.batch_size")
@@ -287,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         check_precision(precision, device.type)  # what smk refuses, refused here too, in one line
     except ConfigError as e:
         ap.error(str(e).replace("--trainer.precision", "--precision").replace("trainer.precision", "--precision"))
+    if args.compile:
+        args.variants = ["plain", *(f"{name}_compiled" for name in COMPILED)]
     if "plain" not in args.variants:
         args.variants.insert(0, "plain")
     import logging
@@ -306,23 +320,31 @@ def main(argv: list[str] | None = None) -> None:
                 ts = time_steps(modules[name], batches, batch_size, precision, args.warmup, device)
                 times[name] += ts
                 round_s[name].append(statistics.median(ts))
-                print(f"  round {r + 1}/{args.rounds} {name:14s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)
+                print(f"  round {r + 1}/{args.rounds} {name:22s} {statistics.median(ts) * 1e3:9.1f} ms/step", flush=True)
         # After the timed rounds: the optimizer state exists, so on CPU the heap growth is the
         # step's working set (activations, gradients, statistics).
         peaks = {name: peak_memory_mb(modules[name], batches, batch_size, precision, device) for name in args.variants}
-        ops = {name: ops_per_step(modules[name], batches, batch_size, precision, device) if args.count_ops else None
-               for name in args.variants}
+        # not for compiled variants: the counting mode would itself make dynamo compile anew
+        ops = {name: ops_per_step(modules[name], batches, batch_size, precision, device)
+               if args.count_ops and not VARIANTS[name][-1] else None for name in args.variants}
         tokens = batch_size * seq_len
         results = {name: {"step_s": statistics.median(times[name]), "tokens_per_s": tokens / statistics.median(times[name]),
                           "peak_mb": peaks[name], "ops_per_step": ops[name]} for name in args.variants}
         base = results["plain"]["step_s"]
         results["ratios"] = {k: v["step_s"] / base for k, v in results.items() if k != "ratios"}
+        if "plain_compiled" in results:
+            base_c = results["plain_compiled"]["step_s"]
+            results["ratios_compiled"] = {k: v["step_s"] / base_c for k, v in results.items()
+                                          if k.endswith("_compiled")}
         # The spread of the ratio: each round's ratio to plain's time in the same round (a
         # pair measured minutes apart at most), as quartiles over the rounds.
         for name in args.variants:
             paired = [t / b for t, b in zip(round_s[name], round_s["plain"])]
             results[name]["ratio_rounds"] = paired
             results[name]["ratio_iqr"] = _quartiles(paired)
+            if "plain_compiled" in results and name.endswith("_compiled"):
+                paired = [t / b for t, b in zip(round_s[name], round_s["plain_compiled"])]
+                results[name]["ratio_compiled_iqr"] = _quartiles(paired)
         n_params = sum(p.numel() for p in SMKModule(model=model_cfg).parameters())
         peak = args.peak_tflops
         if peak is None and device.type == "cuda" and "bf16" in precision:
@@ -340,15 +362,21 @@ def main(argv: list[str] | None = None) -> None:
                            "train_flops_per_token": flops / tokens, "peak_tflops": peak}
         print(f"\n{args.config} on {results['meta']['device']}, {precision}, batch {batch_size}×{seq_len}, "
               f"{n_params / 1e6:.1f} M params, expert_impl {model_cfg.expert_impl} (plain_loop: loop)")
-        print(f"{'variant':14s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'rounds: q1–q3':>14s} "
+        print(f"{'variant':22s} {'ms/step':>9s} {'tokens/s':>9s} {'× plain':>8s} {'rounds: q1–q3':>14s} "
               f"{'peak MB':>9s} {'MFU':>6s}" + (f" {'ops/step':>9s}" if args.count_ops else ""))
         for name in args.variants:
             r = results[name]
             mfu = f"{r['mfu']:6.1%}" if r["mfu"] is not None else "     —"
             q1, q3 = r["ratio_iqr"]
-            print(f"{name:14s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {results['ratios'][name]:8.2f} "
+            ops = r["ops_per_step"]
+            print(f"{name:22s} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} {results['ratios'][name]:8.2f} "
                   f"{f'{q1:.2f}–{q3:.2f}':>14s} {r['peak_mb']:9.0f} {mfu}"
-                  + (f" {r['ops_per_step']:9d}" if args.count_ops else ""))
+                  + (f" {ops if ops is not None else '—':>9}" if args.count_ops else ""))
+        if "ratios_compiled" in results:
+            print(f"\n{'compiled variant':22s} {'× plain_compiled':>17s} {'rounds: q1–q3':>14s}")
+            for name, ratio in results["ratios_compiled"].items():
+                q1, q3 = results[name]["ratio_compiled_iqr"]
+                print(f"{name:22s} {ratio:17.2f} {f'{q1:.2f}–{q3:.2f}':>14s}")
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     finally:

@@ -51,6 +51,7 @@ from smk_lightning.cli_checkpoint import (
 from smk_lightning.cli_trainer_options import (
     check_accelerator,
     check_barebones,
+    check_compile,
     check_precision,
     check_strategy,
     map_optim_options,
@@ -156,6 +157,7 @@ class SMKCLI(LightningCLI):
         check_strategy(cfg.trainer.get("strategy"))
         check_accelerator(cfg.trainer.get("accelerator"))
         check_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+        check_compile(cfg.model.model.compile, cfg.trainer.get("precision"))
 
     def instantiate_trainer(self, **kwargs):
         """Adds the console display: a step progress bar on a terminal, plain lines otherwise

@@ -103,3 +103,10 @@ def check_precision(precision, accelerator) -> None:
     if canonical == "16-mixed" and not _on_cuda(accelerator):
         raise ConfigError(f"trainer.precision={precision} needs a CUDA GPU; on this device use "
                           "--trainer.precision bf16-mixed or 32-true")
+
+
+def check_compile(compile_model: bool, precision) -> None:
+    """float64 runs the experts as a per-expert loop, which a compiled block cannot hold."""
+    if compile_model and _PRECISIONS.get(str(precision).lower()) == "64-true":
+        raise ConfigError(f"model.compile=true with trainer.precision={precision} is not supported (grouped "
+                          "experts run in float32, bf16 or fp16); use 32-true or bf16-mixed, or model.compile=false")

@@ -5,8 +5,8 @@ backward and the optimizer step):
 
     forward under ``StatsCapture`` (MoE layers keep what the ghost norms need)
     → main loss (+ Switch aux / z-loss) → one ``manual_backward`` (DDP averages the
-      gradients of everything but the routers); tensor hooks keep ḡ and the norms of the
-      experts' own gradients
+      gradients of everything but the routers); the capture's sinks get ḡ and the norms
+      of the experts' own gradients (out of the autograd graph: the same compiled)
     → M_A, M_G per layer → ΔSC targets (no gradient, autocast off, global moments)
     → smk_loss on router logits recomputed from the detached layer input → its gradient by
       ``torch.autograd.grad`` on the router-only graph, added to the routers' ``.grad``
@@ -460,16 +460,15 @@ class SMKModule(L.LightningModule):
 
     def val_stats(self, batch: dict[str, Tensor], batch_idx: int) -> tuple[dict, dict]:
         """(statistics, targets) per MoE layer of a validation batch: a forward + backward under
-        enable_grad whose gradients go to ``torch.autograd.grad`` (never to ``.grad``), with
-        respect to every expert weight of every MoE layer (a subset would prune some layers'
-        hooks); its own probe stream. No parameter, optimizer or training state changes."""
+        enable_grad whose gradients go to the capture's sinks only (``inputs=``: the weights'
+        ``.grad`` is never touched); its own probe stream. No parameter, optimizer or training
+        state changes."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("validation statistics need a backward: run the Trainer with inference_mode=False")
-        experts = [w for layer in self.moe_layers.values() for w in (layer.w1, layer.w2, layer.w3) if w is not None]
         try:
             with StatsCapture(self.moe_layers) as capture, torch.enable_grad():
                 loss = self.lm_loss(self.model(batch["input_ids"]), batch["targets"])
-                torch.autograd.grad(loss, experts)
+                loss.backward(inputs=capture.sinks())
                 capture.set_grad_scale((batch["targets"] != -1).sum())
                 stats, targets, _ = self._stats_and_targets(capture, VAL_STREAM, batch_idx, 0)
         finally:

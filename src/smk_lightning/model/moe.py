@@ -6,36 +6,38 @@ Shape legend (used as name suffixes):
 
 Every (token, expert) pair is sorted by expert, so each expert's tokens are one
 contiguous block of rows and no expert is evaluated on a token it was not routed to.
-The experts then run as grouped GEMMs (``torch.nn.functional.grouped_mm`` with per-expert
+The experts then run as grouped GEMMs (``model/grouped.py``: torch's grouped_mm with per-expert
 row offsets kept on the device, torchtitan style: no host sync) or, where grouped_mm
 cannot run (float64, row widths that are not a multiple of 16 bytes, a torch without it),
 as one matmul per expert on its block (``expert_impl``, see ``resolve_expert_impl``).
 
 For the statistics engines (``smk_lightning.stats``) the layer can keep, for the
 current step only, what the closed-form ("ghost") norms need: the routing, row norms
-of the experts' outputs and hidden activations and of their gradients in the normal
-backward, and the upstream gradient ḡ (see ``Capture``). Capture is off unless
-``capture_stats`` is set, and ``clear_capture()`` drops every reference.
+of the experts' outputs and hidden activations and — as gradients of zero "sink" leaves,
+out of the autograd graph itself — those of their gradients in the normal backward and
+the upstream gradient ḡ (see ``Capture``). Capture is off unless ``capture_stats`` is set
+(or the caller passes sinks), and ``clear_capture()`` drops every reference.
+
+``compute`` is the forward as a pure function (it returns what the trainer reads instead
+of writing attributes), so a block can be compiled whole; ``forward`` = ``compute`` +
+``record``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from smk_lightning.model.experts import get_expert_kind, sqnorm
+from smk_lightning.model.grouped import GROUPED_MM, grouped_mm_op
 from smk_lightning.model.precision import acc_dtype, to_acc
 
 EXPERT_IMPLS = ("auto", "grouped", "loop")
-# ``torch.nn.functional.grouped_mm`` in newer torch, ``torch._grouped_mm`` before that (same
-# signature). On CUDA its fast kernel is bf16 on sm90/sm100; other dtypes and GPUs go to
-# torch's own fallback, which copies the offsets to the host (a sync) and loops over groups.
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM = GROUPED_MM  # eager: torch's own op and autograd (model/grouped.py)
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -85,6 +87,8 @@ class ExpertGroups:
     def mm(self, a_PX: Tensor, w_EXY: Tensor) -> Tensor:
         """``[P, X] × [E, X, Y] → [P, Y]``, rows of expert e times ``w_EXY[e]``."""
         if self.offs_E is not None:
+            if torch.compiler.is_compiling():
+                return grouped_mm_op(a_PX, w_EXY, self.offs_E)
             return _GROUPED_MM(a_PX, w_EXY, offs=self.offs_E)
         # unbind, not w[e]: the backward then stacks E gradients once instead of adding E
         # full-size [E, X, Y] tensors that are zero but for one expert.
@@ -104,16 +108,15 @@ class Routing:
 class Capture:
     """What one forward/backward pass leaves for the statistics of the same step.
 
-    Per routed pair (rows in sorted-pair order) the forward stores ‖y‖ and ‖h‖², and
-    tensor hooks on u (and v) store the squared row norms of the gradients the normal
-    backward computes anyway: w·g_u, w·g_v, with w the pair's combine weight; a hook on the
-    layer's output keeps ḡ itself (``grad_ND``; ∂L/∂y of a pair is w·ḡ of its token). No
-    extra matmul, no per-token gradient.
-
-    The gradient slots start as NaN and every hook records its name in ``fired`` (a
-    Python set, so checking it costs no device sync): a backward that pruned a hook
-    (e.g. ``autograd.grad`` to a subset of the weights) is caught by
-    ``missing_hooks()`` instead of silently leaving a zero.
+    Per routed pair (rows in sorted-pair order) the forward stores ‖y‖ and ‖h‖². What the
+    statistics need from the backward comes out of the autograd graph itself, as the
+    gradients of two zero "sink" leaves (``Sinks``), so it is the same eager, compiled and
+    in a captured CUDA graph: ``sink_ND.grad`` is ḡ (``out + sink_ND``), and
+    ``sink_PS.grad[:, s]`` the squared row norms of the gradient of pre-activation s (u, v),
+    i.e. w²‖g_u‖², w²‖g_v‖² with w the pair's combine weight (``tap``). No extra matmul, no
+    per-token gradient, no tensor hook. A backward that did not reach a sink (e.g.
+    ``autograd.grad`` without the sinks among its inputs) leaves its ``.grad`` None, and
+    ``missing_grads()`` names it instead of the statistics silently reading a zero.
     """
 
     x_ND: Tensor  # layer input (detached)
@@ -121,16 +124,29 @@ class Capture:
     routing: Routing
     ma_P: Tensor  # ‖f_e(x_t)‖, float32+
     hsq_P: Tensor  # ‖h‖², float32+
-    gusq_P: Tensor  # ‖∂L/∂u‖² = w²‖g_u‖² (mean-loss gradient)
-    gvsq_P: Tensor  # ‖∂L/∂v‖² = w²‖g_v‖² (zeros for a kind with one input projection, GELU)
+    sinks: Sinks
     grad_scale: float | Tensor = 1.0  # multiplies the captured gradients (→ ∂L_sum/∂o, docs/design.md)
-    grad_ND: Tensor | None = None  # ∂L/∂o, caught by the output hook (unscaled)
-    expected: tuple[str, ...] = ()  # hooks that must fire in the backward
     dropped_pairs: Tensor | None = None  # set by the statistics (stats.ghost.ghost_step)
-    fired: set[str] = field(default_factory=set)
 
-    def missing_hooks(self) -> list[str]:
-        return [h for h in self.expected if h not in self.fired]
+    def missing_grads(self) -> list[str]:
+        return [name for name, t in (("sink_ND", self.sinks.out_ND), ("sink_PS", self.sinks.pre_PS))
+                if t.grad is None]
+
+    @property
+    def grad_ND(self) -> Tensor:
+        """∂L/∂o of the loss that was differentiated (unscaled)."""
+        return self.sinks.out_ND.grad
+
+    @property
+    def gusq_P(self) -> Tensor:
+        """‖∂L/∂u‖² = w²‖g_u‖² (mean-loss gradient)."""
+        return self.sinks.pre_PS.grad[:, 0]
+
+    @property
+    def gvsq_P(self) -> Tensor:
+        """‖∂L/∂v‖² = w²‖g_v‖² (zeros for a kind with one input projection, GELU)."""
+        g_PS = self.sinks.pre_PS.grad
+        return g_PS[:, 1] if g_PS.shape[1] > 1 else torch.zeros_like(g_PS[:, 0])
 
     def upstream(self, dtype: torch.dtype, rows: Tensor | None = None) -> Tensor:
         """ḡ = ∂L_sum/∂o of the given rows (all if None) in ``dtype`` (docs/design.md)."""
@@ -138,15 +154,46 @@ class Capture:
         return g.to(dtype) * self.grad_scale
 
 
-def _store_sq(cap: Capture, attr: str, grad: Tensor) -> None:
-    """Tensor hook: keep the squared row norms of a gradient, accumulated in float32+."""
-    setattr(cap, attr, sqnorm(grad, acc_dtype(grad)))
-    cap.fired.add(attr)
+@dataclass
+class Sinks:
+    """The zero leaves whose gradients carry the backward's part of the statistics (see
+    ``Capture``). Made outside the layer's (possibly compiled) forward and passed in: a leaf
+    that requires grad cannot be created inside a compiled region."""
+
+    out_ND: Tensor  # [N, D], float32+: ``out + sink`` so its gradient is ḡ
+    pre_PS: Tensor  # [P, S], float32+: S pre-activations (u, v) per routed pair
+
+    @classmethod
+    def new(cls, n_tokens: int, d_model: int, pairs: int, n_pre: int, like: Tensor) -> Sinks:
+        dt = acc_dtype(like)
+        return cls(torch.zeros(n_tokens, d_model, dtype=dt, device=like.device, requires_grad=True),
+                   torch.zeros(pairs, n_pre, dtype=dt, device=like.device, requires_grad=True))
+
+    def tensors(self) -> list[Tensor]:
+        return [self.out_ND, self.pre_PS]
 
 
-def _store(cap: Capture, attr: str, grad: Tensor) -> None:
-    setattr(cap, attr, grad.detach())
-    cap.fired.add(attr)
+class _Tap(torch.autograd.Function):
+    """Identity on the pre-activations whose backward also returns their gradients' squared
+    row norms (float32+) as the gradient of the zero sink ``[P, S]``. Pure: no in-place op in
+    the forward, no side effect in the backward, so it traces under torch.compile."""
+
+    @staticmethod
+    def forward(sink_PS: Tensor, *pre: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.view_as(t) for t in pre)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.acc = inputs[0].dtype
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> tuple[Tensor, ...]:
+        return (torch.stack([sqnorm(g, ctx.acc) for g in grads], dim=-1), *grads)
+
+
+def tap(sink_PS: Tensor, pre: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The pre-activations, unchanged, with their gradients' row norms routed to ``sink_PS``."""
+    return _Tap.apply(sink_PS, *pre)
 
 
 def route(logits_NE: Tensor, top_k: int, renormalize: bool,
@@ -272,7 +319,24 @@ class MoELayer(nn.Module):
         weight = self.router.weight.detach() if self.detach_router else self.router.weight
         return F.linear(x_ND, weight)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, sinks: Sinks | None = None) -> Tensor:
+        """``[N, D] → [N, D]`` (``[B, T, D]`` too). With ``capture_stats`` on (and grad
+        enabled) the layer makes its own sinks, unless given, and keeps the step's ``capture``."""
+        if sinks is None and self.capture_stats and torch.is_grad_enabled():
+            sinks = self.new_sinks(x)
+        out, aux = self.compute(x, sinks)
+        self.record(aux, sinks)
+        return out
+
+    def new_sinks(self, x: Tensor) -> Sinks:
+        """Zero sinks for a forward on ``x`` (``[N, D]`` or ``[B, T, D]``)."""
+        n = x.numel() // self.d_model
+        return Sinks.new(n, self.d_model, n * self.top_k, len(self.kind.in_names), x)
+
+    def compute(self, x: Tensor, sinks: Sinks | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The forward as a pure function (it writes no attribute, so it compiles whole):
+        the output and what the trainer reads of this forward (``record``): the router's
+        outputs and, with ``sinks``, the forward's part of the capture."""
         shape = x.shape
         x_ND = x.reshape(-1, self.d_model)
         logits_NE = self.router_logits(x_ND)
@@ -281,7 +345,8 @@ class MoELayer(nn.Module):
         if self.detach_router and torch.is_grad_enabled():
             logits_NE = self.router(x_ND.detach())  # the router losses' view (see __init__)
             probs_NE = logits_NE.to(probs_NE.dtype).softmax(dim=-1)
-        self.last_logits_NE, self.last_probs_NE, self.last_topi_NK = logits_NE, probs_NE, routing.topi_NK
+        aux = {"logits_NE": logits_NE, "probs_NE": probs_NE, "topi_NK": routing.topi_NK,
+               "order_P": routing.order_P, "counts_E": routing.counts_E}
 
         tok_P = routing.order_P // self.top_k
         xs_PD = x_ND[tok_P]
@@ -297,18 +362,30 @@ class MoELayer(nn.Module):
         # One grouped GEMM per input projection (u and v, as torchtitan), not one on cat(w1, w3):
         # the cat copies the weights every forward and measured slower on CPU (BENCHMARKS.md).
         pre = tuple(groups.mm(xs_PD, w) for w in w_in)
+        if sinks is not None:
+            pre = tap(sinks.pre_PS, pre)
         _, h_PF = self.kind.activations(pre)
         ys_PD = groups.mm(h_PF, w2_EFD)
-        cap = None
-        if self.capture_stats and torch.is_grad_enabled():
-            cap = self._capture(x_ND, weights_NK, routing, pre, h_PF, ys_PD)
+        if sinks is not None:
+            acc = acc_dtype(ys_PD)
+            aux |= {"x_ND": x_ND.detach(), "weights_NK": weights_NK.detach(),
+                    "ma_P": torch.linalg.vector_norm(ys_PD.detach(), dim=-1, dtype=acc),
+                    "hsq_P": sqnorm(h_PF.detach(), acc)}
 
         # Unsort: pair p of the flattened (token, slot) order sits at position order_P^-1.
         y_PD = torch.empty_like(ys_PD).index_copy_(0, routing.order_P, ys_PD)
         out_ND = (y_PD.view(-1, self.top_k, self.d_model) * weights_NK.unsqueeze(-1).to(y_PD.dtype)).sum(1)
-        if cap is not None and out_ND.requires_grad:
-            out_ND.register_hook(partial(_store, cap, "grad_ND"))
-        return out_ND.view(shape)
+        if sinks is not None:
+            out_ND = out_ND + sinks.out_ND  # zero; its gradient is ḡ
+        return out_ND.view(shape), aux
+
+    def record(self, aux: dict[str, Tensor], sinks: Sinks | None) -> None:
+        """Keep what ``compute`` returned: the router outputs (for the router losses and the
+        monitors) and, with sinks, the step's ``capture``."""
+        self.last_logits_NE, self.last_probs_NE, self.last_topi_NK = aux["logits_NE"], aux["probs_NE"], aux["topi_NK"]
+        if sinks is not None:
+            routing = Routing(aux["topi_NK"], aux["order_P"], aux["counts_E"])
+            self.capture = Capture(aux["x_ND"], aux["weights_NK"], routing, aux["ma_P"], aux["hsq_P"], sinks)
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype the experts' matmuls run in: autocast's where it is on (as ``x @ w``
@@ -318,27 +395,6 @@ class MoELayer(nn.Module):
         if dt != torch.float64 and torch.is_autocast_enabled(dev):
             return torch.get_autocast_dtype(dev)
         return dt
-
-    # -- statistics capture ---------------------------------------------------------------
-    def _capture(self, x_ND: Tensor, weights_NK: Tensor, routing: Routing, pre: tuple[Tensor, ...],
-                 h_PF: Tensor, ys_PD: Tensor) -> Capture | None:
-        if self.capture is not None:  # activation-checkpoint recompute: keep the first capture
-            return None
-        acc = acc_dtype(ys_PD)
-        with torch.no_grad():
-            ma_P = torch.linalg.vector_norm(ys_PD, dim=-1, dtype=acc)
-            hsq_P = sqnorm(h_PF, acc)
-        nan_P = torch.full_like(ma_P, float("nan"))  # until the hooks fire (see ``Capture``)
-        pre_slots = ("gusq_P", "gvsq_P")[: len(pre)]  # one slot per input projection (u, v)
-        gvsq_P = nan_P if "gvsq_P" in pre_slots else torch.zeros_like(ma_P)
-        cap = self.capture = Capture(x_ND.detach(), weights_NK.detach(), routing, ma_P, hsq_P,
-                                     nan_P, gvsq_P, expected=("grad_ND",))
-        if ys_PD.requires_grad:
-            hooked = list(zip(pre_slots, pre))
-            for attr, t in hooked:
-                t.register_hook(partial(_store_sq, cap, attr))
-            cap.expected += tuple(a for a, _ in hooked)
-        return cap
 
     def release_graph(self) -> None:
         """Detach the kept router outputs so no autograd graph outlives the step."""

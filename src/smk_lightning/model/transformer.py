@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from smk_lightning.errors import ConfigError
 from smk_lightning.model.experts import get_expert_kind
-from smk_lightning.model.moe import MoELayer, check_expert_impl, check_top_k
+from smk_lightning.model.moe import MoELayer, Sinks, check_expert_impl, check_top_k
 
 
 @dataclass
@@ -58,8 +58,9 @@ class ModelConfig:
     ``auto`` = grouped wherever grouped_mm can run (float32/bf16/fp16, row widths d_model and
     d_ff a multiple of 16 bytes, a torch that has it), loop otherwise (float64)."""
     compile: bool = False
-    """torch.compile the model. Not supported: true is refused (compiled, the tensor hooks
-    that capture the experts' gradients for M_G receive no gradient)."""
+    """torch.compile each transformer block (fullgraph, static shapes) for training; the
+    statistics stay exact (the capture is part of the autograd graph). Needs grouped experts
+    (expert_impl auto or grouped, not float64) and no activation checkpointing."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -76,13 +77,12 @@ class ModelConfig:
             check_expert_impl(self.expert_impl, prefix="model.")
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.compile:
-            # tests/test_bad_input.py::test_compile_still_breaks_the_capture checks this reason
-            # against the installed torch; when it fails there, compile can be supported.
-            raise ConfigError(
-                "model.compile=true is not supported: under torch.compile the tensor hooks that capture "
-                "the experts' gradients for M_G receive no gradient (grad=None); set model.compile=false"
-            )
+        if self.compile and self.activation_checkpointing:
+            raise ConfigError("model.compile=true with model.activation_checkpointing=true is not supported; "
+                              "set one of them to false")
+        if self.compile and self.expert_impl == "loop":
+            # the loop reads the per-expert sizes on the host: a new graph for every routing
+            raise ConfigError("model.compile=true needs grouped experts; set model.expert_impl to auto or grouped")
         if self.moe_every < 1:
             raise ConfigError(f"model.moe_every={self.moe_every} must be >= 1")
 
@@ -159,9 +159,14 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_ff or cfg.top_k * cfg.d_ff, cfg.activation)
 
-    def forward(self, x_BTD: Tensor, rot_TC2: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, rot_TC2: Tensor, sinks: Sinks | None = None) -> tuple[Tensor, dict | None]:
+        """The block's output and, for an MoE block, what its layer's ``record`` keeps (the
+        block writes no attribute, so it compiles whole)."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rot_TC2)
-        return x_BTD + self.ffn(self.ffn_norm(x_BTD))
+        if isinstance(self.ffn, MoELayer):
+            y_BTD, aux = self.ffn.compute(self.ffn_norm(x_BTD), sinks)
+            return x_BTD + y_BTD, aux
+        return x_BTD + self.ffn(self.ffn_norm(x_BTD)), None
 
 
 class MoETransformer(nn.Module):
@@ -182,6 +187,15 @@ class MoETransformer(nn.Module):
             "rot_TC2", rotary_table(cfg.max_seq_len, cfg.d_model // cfg.n_heads), persistent=False
         )
         self.reset_parameters()
+        self._compile_pending = cfg.compile  # at the first training forward: a compiled module cannot be pickled
+
+    def _compile_blocks(self) -> None:
+        """Per block, torchtitan style: every block has the same code and shapes, so one graph
+        serves them all; static shapes (P = N·K rows whatever the routing), so a new routing
+        never recompiles. Used in training only (see ``forward``)."""
+        for block in self.blocks:
+            block.compile(fullgraph=True, dynamic=False)
+        self._compile_pending = False
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -203,10 +217,19 @@ class MoETransformer(nn.Module):
                 f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "raise model.max_seq_len or lower data.seq_len"
             )
+        if self._compile_pending and self.training:
+            self._compile_blocks()
         x = self.embed(idx_BT)
         for block in self.blocks:
+            moe = block.ffn if isinstance(block.ffn, MoELayer) else None
+            sinks = moe.new_sinks(x) if moe is not None and moe.capture_stats and torch.is_grad_enabled() else None
+            # compiled blocks in training only: validation and sampling (whose length grows
+            # token by token) would each compile graphs of their own
+            run = block if self.training else block.forward
             if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, self.rot_TC2, use_reentrant=False)
+                x, aux = checkpoint(run, x, self.rot_TC2, sinks, use_reentrant=False)
             else:
-                x = block(x, self.rot_TC2)
+                x, aux = run(x, self.rot_TC2, sinks)
+            if moe is not None:
+                moe.record(aux, sinks)
         return self.head(self.norm(x))

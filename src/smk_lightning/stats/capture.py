@@ -5,12 +5,13 @@ everything the per-token statistics depend on besides the weights:
 
 - **lifetime** — it switches capture on for the MoE layers on entry and drops every
   captured tensor on exit (also on an exception), so nothing outlives the step;
-- **loss reduction** — the hooks see ∂(loss / accum · loss_scale)/∂o with a mean loss
+- **loss reduction** — the sinks get ∂(loss / accum · loss_scale)/∂o with a mean loss
   over the rank's ``n_tokens``; docs/design.md wants ḡ of the *sum* loss, so the captured
   gradients are multiplied by ``n_tokens · accum / loss_scale`` (``loss_scale`` is the
   16-mixed GradScaler's scale, 1 otherwise). ``n_tokens`` is a tensor: no host sync;
-- **completeness** — every hook a layer registered must have fired (slots start as NaN),
-  otherwise ``check()`` names the layer and the hooks that did not;
+- **completeness** — every sink of every layer must have a gradient after the backward,
+  otherwise ``check()`` names the layer and the sinks without one (validation, which must
+  not touch ``.grad`` of the weights, differentiates with ``inputs=sinks()``);
 - **precision and randomness** — ``stats()`` runs with autocast off (float32 or wider,
   whatever the trainer's precision) and draws the probe rows of each layer from
   ``probe_generator``, a pure function of (seed, stream, step, micro-batch, layer, rank).
@@ -65,24 +66,28 @@ class StatsCapture:
             layer.capture_stats = False
             layer.clear_capture()
 
+    def sinks(self) -> list[Tensor]:
+        """Every captured layer's sink leaves (for ``loss.backward(inputs=...)``)."""
+        return [t for layer in self.layers.values() if layer.capture is not None for t in layer.capture.sinks.tensors()]
+
     def set_grad_scale(self, n_tokens: Tensor | float, accum: int = 1, loss_scale: Tensor | float = 1.0) -> None:
-        """The hooks saw the gradient of ``mean loss / accum × loss_scale``: undo both."""
+        """The sinks got the gradient of ``mean loss / accum × loss_scale``: undo both."""
         scale = n_tokens * accum / loss_scale
         for layer in self.layers.values():
             if layer.capture is not None:
                 layer.capture.grad_scale = scale
 
     def check(self) -> None:
-        """Raise if a layer was not captured or one of its backward hooks did not fire."""
+        """Raise if a layer was not captured or one of its sinks got no gradient."""
         for name, layer in self.layers.items():
             cap = layer.capture
             if cap is None:
                 raise RuntimeError(f"statistics capture: MoE layer {name} was not run with capture on")
-            missing = cap.missing_hooks()
+            missing = cap.missing_grads()
             if missing:
                 raise RuntimeError(
                     f"statistics capture: the backward did not reach {', '.join(missing)} of MoE layer {name}; "
-                    "differentiate the loss with respect to every expert weight (w1, w2, w3) of every MoE layer"
+                    "call loss.backward(), or pass the capture's sinks() as its inputs"
                 )
 
     def stats(self, engine: Engine, scope: str, probe_fraction: float | None,

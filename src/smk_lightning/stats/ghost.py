@@ -12,7 +12,7 @@ experts in Python:
 ``ghost_stats`` (any mask) uses the first for rows whose every expert is wanted and the
 second for the rest. ``ghost_step`` fills a training step's statistics from the layers'
 captures, all layers of one shape at once: routed pairs need no new matmul (the forward
-kept ‖y‖ and ‖h‖², hooks kept ḡ and the row norms of the backward's own gradients of the
+kept ‖y‖ and ‖h‖², the sinks got ḡ and the row norms of the backward's own gradients of the
 pre-activations; see ``smk_lightning.model.moe.Capture``), and dense / probe rows go
 through ``ghost_dense_rows``, per layer. On a GPU its shapes depend only on N, E, k and ρ,
 and it reads nothing on the host; on the CPU, where a read costs nothing, it skips the

@@ -1,5 +1,5 @@
-"""Statistics of a training step, from what ``MoELayer`` captured in the forward and the
-upstream gradient its output hook caught in the one main backward.
+"""Statistics of a training step, from what ``MoELayer`` captured in the forward and what
+the one main backward left in the capture's sinks.
 
 An engine that declares ``from_capture`` (ghost: ``stats.ghost.ghost_step``) fills the
 step from the captures themselves, every layer of one shape in one call (on a GPU each op
@@ -40,12 +40,12 @@ def layers_stats(layers: list[MoELayer], engine: Engine, scope: str, probe_fract
     kept in each ``capture.dropped_pairs``."""
     for layer in layers:
         cap = layer.capture
-        if cap is None or cap.missing_hooks():
+        if cap is None or cap.missing_grads():
             raise RuntimeError(
                 "no complete captured forward/backward on this MoE layer "
-                f"({'no capture' if cap is None else 'hooks that did not fire: ' + ', '.join(cap.missing_hooks())}): "
-                "set layer.capture_stats, run the forward and a backward that reaches every expert weight, "
-                "then call step_stats"
+                f"({'no capture' if cap is None else 'sinks without a gradient: ' + ', '.join(cap.missing_grads())}): "
+                "set layer.capture_stats, run the forward and a backward that reaches the capture's sinks "
+                "(loss.backward(), or autograd with the sinks among its inputs), then call step_stats"
             )
     out: list = [None] * len(layers)
     if not layers:
@@ -73,7 +73,7 @@ def _groups(layers: list[MoELayer], batched: bool) -> list[list[int]]:
 
 
 def _dtype(cap) -> torch.dtype:
-    return acc_dtype(cap.ma_P, cap.grad_ND)  # float32+ (grad_ND is bf16 under autocast)
+    return acc_dtype(cap.ma_P, cap.grad_ND)  # float32+
 
 
 def _group_stats(layers: list[MoELayer], engine: Engine, scope: str, probe_fraction: float | None,
