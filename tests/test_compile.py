@@ -1,5 +1,5 @@
-"""``model.compile: true``: each transformer block compiled whole (fullgraph, static shapes),
-with the statistics captured by the taps inside the compiled graph. The compiled training
+"""``model.compile: true``: the training forward compiled as one graph (fullgraph, static
+shapes), with the statistics captured by the taps inside the compiled graph. The compiled training
 step gives the eager step's numbers — losses, M_A, M_G, targets and every weight after a
 few optimizer steps — in every scope, for smk and Switch routers, in float32 and under
 bf16-mixed autocast; and a new routing never compiles a new graph."""
@@ -99,7 +99,7 @@ def test_compiled_step_equals_eager_under_bf16_autocast():
 
 def test_no_graph_break_and_no_recompile_when_the_routing_changes():
     """fullgraph=True would raise at a graph break. Ten steps whose routing changes (the
-    weights move): one graph for all blocks with statistics, one for the steps without
+    weights move): one graph for the steps with statistics, one for the steps without
     (every 2nd step), and no more."""
     from torch._dynamo.utils import counters
 

@@ -211,3 +211,19 @@ def test_self_log_only_on_steps_lightning_writes(tmp_path):
         assert float(r["train/loss"]) == pytest.approx(rec.loss[int(float(r["step"])) - 1], rel=1e-6)
     assert rec.logged == [-1, -1, 3, 3, 3, 6, 7]  # callback_metrics' step: set on steps 3, 6 and the last
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(rec.loss[-1], rel=1e-6)
+
+
+def test_fused_adamw_equals_the_default_to_rounding():
+    """optim.fused: the fused AdamW kernel, the same updates as the default (foreach) one."""
+    weights = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        module = SMKModule(model=tiny_model(), optim=OptimConfig(warmup_steps=1, fused=fused),
+                           stats=StatsConfig(val_batches=0), router=RouterConfig(loss="smk"))
+        L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, limit_val_batches=0, accelerator="cpu").fit(
+            module, datamodule=RandomDataModule())
+        assert bool(module.optimizers().optimizer.defaults["fused"]) == fused
+        weights.append([p.detach().clone() for p in module.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

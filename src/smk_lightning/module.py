@@ -519,7 +519,7 @@ class SMKModule(L.LightningModule):
             {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr},
             {"params": router, "weight_decay": 0.0, "lr": cfg.router_lr},
         ]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.betas)
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], betas=cfg.betas, fused=cfg.fused or None)
         total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 10_000
         warmup = cfg.warmup_steps
 

@@ -34,6 +34,8 @@ class OptimConfig:
     """Clip the global gradient norm to this value (0 disables)."""
     accumulate_grad_batches: int = 1
     """Micro-batches whose gradients are summed (mean) into one optimizer step."""
+    fused: bool = False
+    """Fused AdamW (CPU and CUDA): a few kernels per parameter group instead of a few per tensor, equal up to rounding; on a launch-bound step it saves a sixth of the step (BENCHMARKS.md)."""
     max_skipped_steps: int = 10
     """Stop (with a checkpoint of the last good state) after this many consecutive steps with a non-finite loss or gradient; 0 never stops."""
 

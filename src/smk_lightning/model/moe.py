@@ -323,15 +323,14 @@ class MoELayer(nn.Module):
         """``[N, D] → [N, D]`` (``[B, T, D]`` too). With ``capture_stats`` on (and grad
         enabled) the layer makes its own sinks, unless given, and keeps the step's ``capture``."""
         if sinks is None and self.capture_stats and torch.is_grad_enabled():
-            sinks = self.new_sinks(x)
+            sinks = self.new_sinks(x.numel() // self.d_model, x)
         out, aux = self.compute(x, sinks)
         self.record(aux, sinks)
         return out
 
-    def new_sinks(self, x: Tensor) -> Sinks:
-        """Zero sinks for a forward on ``x`` (``[N, D]`` or ``[B, T, D]``)."""
-        n = x.numel() // self.d_model
-        return Sinks.new(n, self.d_model, n * self.top_k, len(self.kind.in_names), x)
+    def new_sinks(self, n_tokens: int, like: Tensor) -> Sinks:
+        """Zero sinks for a forward on ``n_tokens`` tokens, in ``like``'s accumulation dtype and device."""
+        return Sinks.new(n_tokens, self.d_model, n_tokens * self.top_k, len(self.kind.in_names), like)
 
     def compute(self, x: Tensor, sinks: Sinks | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """The forward as a pure function (it writes no attribute, so it compiles whole):

@@ -58,7 +58,7 @@ class ModelConfig:
     ``auto`` = grouped wherever grouped_mm can run (float32/bf16/fp16, row widths d_model and
     d_ff a multiple of 16 bytes, a torch that has it), loop otherwise (float64)."""
     compile: bool = False
-    """torch.compile each transformer block (fullgraph, static shapes) for training; the
+    """torch.compile the training forward (the whole stack of blocks as one graph: fullgraph, static shapes); the
     statistics stay exact (the capture is part of the autograd graph). Needs grouped experts
     (expert_impl auto or grouped, not float64) and no activation checkpointing."""
 
@@ -161,7 +161,7 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: Tensor, rot_TC2: Tensor, sinks: Sinks | None = None) -> tuple[Tensor, dict | None]:
         """The block's output and, for an MoE block, what its layer's ``record`` keeps (the
-        block writes no attribute, so it compiles whole)."""
+        block writes no attribute, so it compiles)."""
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), rot_TC2)
         if isinstance(self.ffn, MoELayer):
             y_BTD, aux = self.ffn.compute(self.ffn_norm(x_BTD), sinks)
@@ -187,15 +187,9 @@ class MoETransformer(nn.Module):
             "rot_TC2", rotary_table(cfg.max_seq_len, cfg.d_model // cfg.n_heads), persistent=False
         )
         self.reset_parameters()
-        self._compile_pending = cfg.compile  # at the first training forward: a compiled module cannot be pickled
-
-    def _compile_blocks(self) -> None:
-        """Per block, torchtitan style: every block has the same code and shapes, so one graph
-        serves them all; static shapes (P = N·K rows whatever the routing), so a new routing
-        never recompiles. Used in training only (see ``forward``)."""
-        for block in self.blocks:
-            block.compile(fullgraph=True, dynamic=False)
-        self._compile_pending = False
+        # Compiled at the first training forward (a compiled module cannot be pickled, as DDP
+        # spawn and deepcopy do before training).
+        self._compile_pending, self._compiled = cfg.compile, None
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -210,26 +204,44 @@ class MoETransformer(nn.Module):
         return {f"layer{i}": b.ffn for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoELayer)}
 
     def forward(self, idx_BT: Tensor) -> Tensor:
-        """Token ids ``[B, T]`` → logits ``[B, T, V]``."""
-        T = idx_BT.shape[1]
+        """Token ids ``[B, T]`` → logits ``[B, T, V]``. The MoE layers keep their router outputs
+        (and, with ``capture_stats``, the step's capture: the sinks are made here, outside
+        the compiled region, and passed in)."""
+        B, T = idx_BT.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "raise model.max_seq_len or lower data.seq_len"
             )
         if self._compile_pending and self.training:
-            self._compile_blocks()
+            # The whole stack as one graph (fullgraph, static shapes: P = N·K rows whatever the
+            # routing, so a new routing never recompiles). Per block it gained a tenth as much
+            # on the launch-bound stand-in (BENCHMARKS.md): each compiled region's call costs.
+            self._compiled = torch.compile(self.run_blocks, fullgraph=True, dynamic=False)
+            self._compile_pending = False
+        moe = list(self.moe_layers().values())
+        capture = torch.is_grad_enabled()
+        sinks = [layer.new_sinks(B * T, self.embed.weight) if capture and layer.capture_stats else None
+                 for layer in moe]
+        # compiled in training only: validation and sampling (whose length grows token by
+        # token) would each compile graphs of their own
+        run = self._compiled if self._compiled is not None and self.training else self.run_blocks
+        logits, auxes = run(idx_BT, sinks)
+        for layer, aux, layer_sinks in zip(moe, auxes, sinks):
+            layer.record(aux, layer_sinks)
+        return logits
+
+    def run_blocks(self, idx_BT: Tensor, sinks: list[Sinks | None]) -> tuple[Tensor, list[dict]]:
+        """The forward as a pure function: logits and, per MoE layer (given its sinks, in
+        depth order), what its ``record`` keeps. No attribute is written, so it compiles whole."""
         x = self.embed(idx_BT)
+        auxes, moe_sinks = [], iter(sinks)
         for block in self.blocks:
-            moe = block.ffn if isinstance(block.ffn, MoELayer) else None
-            sinks = moe.new_sinks(x) if moe is not None and moe.capture_stats and torch.is_grad_enabled() else None
-            # compiled blocks in training only: validation and sampling (whose length grows
-            # token by token) would each compile graphs of their own
-            run = block if self.training else block.forward
+            layer_sinks = next(moe_sinks) if isinstance(block.ffn, MoELayer) else None
             if self.cfg.activation_checkpointing and self.training:
-                x, aux = checkpoint(run, x, self.rot_TC2, sinks, use_reentrant=False)
+                x, aux = checkpoint(block, x, self.rot_TC2, layer_sinks, use_reentrant=False)
             else:
-                x, aux = run(x, self.rot_TC2, sinks)
-            if moe is not None:
-                moe.record(aux, sinks)
-        return self.head(self.norm(x))
+                x, aux = block(x, self.rot_TC2, layer_sinks)
+            if aux is not None:
+                auxes.append(aux)
+        return self.head(self.norm(x)), auxes
