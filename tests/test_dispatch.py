@@ -323,7 +323,7 @@ def test_grouped_under_bf16_autocast_matches_the_loop(grouped_calls):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_captured_ghost_stats_equal_the_loop_engine(impl, act, k_label, scope, grouped_calls):
-    """The capture (hooks on u, v, y; ‖y‖, ‖h‖² in the forward; the output hook) is the same on
+    """The capture (taps on u, v and the sink on the output; ‖y‖, ‖h‖² in the forward) is the same on
     both expert paths: ghost statistics of a captured float32 step equal the loop engine on a
     float64 copy of the same weights, input and gradient (relative 1e-4)."""
     layer, x, g, k = _case32(40 + KS.index(k_label), act, k_label, N=24, d=8, ff=12, E=4, impl=impl)

@@ -339,7 +339,7 @@ def test_bf16_mixed_training_step_matches_float32(scope, engine):
 
 
 def test_loss_scale_is_divided_out():
-    """16-mixed: the hooks see ḡ × the GradScaler's scale; StatsCapture divides it out, so
+    """16-mixed: the sinks get ḡ × the GradScaler's scale; StatsCapture divides it out, so
     the statistics equal those of an unscaled backward (CPU has no fp16 autocast in
     Lightning, so the scale is applied by hand here, exactly as the precision plugin does)."""
     from smk_lightning.stats import StatsCapture
