@@ -100,9 +100,9 @@ def test_precision_on_the_cpu(tmp_path):
 def test_bench_compiled_variants_are_compared_to_compiled_plain(tmp_path):
     out = tmp_path / "bench.json"
     main(["--config", str(SMOKE), "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1",
-          "--variants", "plain", "plain_compiled", "ghost_routed_compiled", "--json", str(out)])
+          "--variants", "plain", "plain_compiled", "ghost_routed_compiled", "switch_probe25", "--json", str(out)])
     res = json.loads(out.read_text())
-    assert set(res["ratios"]) == {"plain", "plain_compiled", "ghost_routed_compiled"}
+    assert set(res["ratios"]) == {"plain", "plain_compiled", "ghost_routed_compiled", "switch_probe25"}
     assert set(res["ratios_compiled"]) == {"plain_compiled", "ghost_routed_compiled"}
     assert res["ratios_compiled"]["plain_compiled"] == 1.0
     ratio = res["ghost_routed_compiled"]["step_s"] / res["plain_compiled"]["step_s"]

@@ -24,7 +24,7 @@ import statistics
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -41,22 +41,36 @@ from smk_lightning.module import SMKModule
 from smk_lightning.stats.ghost import gpu_path
 from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
 
+
+@dataclass(frozen=True)
+class Variant:
+    """One timed training step: which statistics, which router, which model."""
+
+    engine: str | None = None  # statistics engine (None: no statistics)
+    scope: str = "routed"
+    probe_fraction: float = 0.25
+    router: str = "smk"  # with statistics: "smk" (smk_loss, no balance term) or "switch" (instruments only)
+    dense_only: bool = False
+    expert_impl: str | None = None  # override of the config's
+    compiled: bool = False
+
+
 _EAGER = {
-    # name: (stats engine, scope, probe_fraction, dense_only, expert_impl override)
-    "plain": (None, None, None, False, None),
-    "plain_loop": (None, None, None, False, "loop"),  # experts one matmul each, not grouped GEMMs
-    "ghost_routed": ("ghost", "routed", None, False, None),
-    "ghost_dense": ("ghost", "dense", None, False, None),
-    "ghost_probe25": ("ghost", "probe", 0.25, False, None),
-    "vmap_routed": ("vmap", "routed", None, False, None),
-    "vmap_dense": ("vmap", "dense", None, False, None),
-    "dense_ffn": (None, None, None, True, None),
+    "plain": Variant(),
+    "plain_loop": Variant(expert_impl="loop"),  # experts one matmul each, not grouped GEMMs
+    "ghost_routed": Variant("ghost", "routed"),
+    "ghost_dense": Variant("ghost", "dense"),
+    "ghost_probe25": Variant("ghost", "probe"),
+    # as `smk fit` runs the default Switch router with the statistics as instruments, every step
+    "switch_probe25": Variant("ghost", "probe", router="switch"),
+    "vmap_routed": Variant("vmap", "routed"),
+    "vmap_dense": Variant("vmap", "dense"),
+    "dense_ffn": Variant(dense_only=True),
 }
 # The same with model.compile: true (the statistics engines run after the backward, eager;
 # the vmap and loop variants are not compiled).
-COMPILED = ("plain", "ghost_routed", "ghost_dense", "ghost_probe25", "dense_ffn")
-VARIANTS = {**{name: (*v, False) for name, v in _EAGER.items()},
-            **{f"{name}_compiled": (*_EAGER[name], True) for name in COMPILED}}
+COMPILED = ("plain", "ghost_routed", "ghost_dense", "ghost_probe25", "switch_probe25", "dense_ffn")
+VARIANTS = {**_EAGER, **{f"{name}_compiled": replace(_EAGER[name], compiled=True) for name in COMPILED}}
 
 
 class StepTimer(L.Callback):
@@ -157,19 +171,25 @@ def random_batches(n: int, batch_size: int, seq_len: int, vocab: int) -> list[di
 
 
 def build_module(name: str, model_cfg: ModelConfig, optim: OptimConfig, vmap_chunk: int) -> SMKModule:
-    engine, scope, rho, dense_only, expert_impl, compiled = VARIANTS[name]
-    if expert_impl is not None:
-        model_cfg = replace(model_cfg, expert_impl=expert_impl)
-    if compiled:
+    v = VARIANTS[name]
+    if v.expert_impl is not None:
+        model_cfg = replace(model_cfg, expert_impl=v.expert_impl)
+    if v.compiled:
         model_cfg = replace(model_cfg, compile=True)
-    stats = StatsConfig(enabled=engine is not None, engine=engine or "ghost", scope=scope or "routed",
-                        probe_fraction=rho or 0.25, val_batches=0, vmap_chunk_size=vmap_chunk)
-    # smk_loss is on whenever statistics are, without the balance term (which needs no
-    # statistics): the ratio to plain is the cost of the statistics and smk_loss alone.
-    router = RouterConfig(loss="smk", balance_weight=0.0) if engine else RouterConfig(loss="none")
+    stats = StatsConfig(enabled=v.engine is not None, engine=v.engine or "ghost", scope=v.scope,
+                        probe_fraction=v.probe_fraction, val_batches=0, vmap_chunk_size=vmap_chunk)
+    # With statistics: smk_loss without the balance term (which needs no statistics), so the
+    # ratio to plain is the cost of the statistics and smk_loss alone; or the Switch router
+    # (the statistics as instruments). Without: no router loss.
+    if v.engine is None:
+        router = RouterConfig(loss="none")
+    elif v.router == "switch":
+        router = RouterConfig(loss="switch", weight=0.01)
+    else:
+        router = RouterConfig(loss="smk", balance_weight=0.0)
     torch.manual_seed(0)
     return SMKModule(model=model_cfg, optim=replace(optim, warmup_steps=1), stats=stats, router=router,
-                     dense_only=dense_only)
+                     dense_only=v.dense_only)
 
 
 def fit_steps(module: SMKModule, batches: list[dict], batch_size: int, precision: str, device: torch.device,
@@ -326,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         peaks = {name: peak_memory_mb(modules[name], batches, batch_size, precision, device) for name in args.variants}
         # not for compiled variants: the counting mode would itself make dynamo compile anew
         ops = {name: ops_per_step(modules[name], batches, batch_size, precision, device)
-               if args.count_ops and not VARIANTS[name][-1] else None for name in args.variants}
+               if args.count_ops and not VARIANTS[name].compiled else None for name in args.variants}
         tokens = batch_size * seq_len
         results = {name: {"step_s": statistics.median(times[name]), "tokens_per_s": tokens / statistics.median(times[name]),
                           "peak_mb": peaks[name], "ops_per_step": ops[name]} for name in args.variants}
