@@ -142,3 +142,20 @@ def test_bad_run_dir(tmp_path, capsys, make):
     assert len(err) == 1, err
     assert str(bad) in err[0] and "lightning_logs" in err[0]
     assert not (tmp_path / "report.md").exists()
+
+
+def test_figure_plots_the_training_loss_when_validation_ran_once(tmp_path):
+    """A short run with one validation still gets a curve: train/loss is a panel of its own."""
+    from smk_lightning.report import figure, load_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    w = SummaryWriter(log_dir=str(run))
+    for step in range(0, 50, 10):
+        w.add_scalar("train/loss", 5.0 - step / 50, step)
+        w.add_scalar("train/g_acc_dense", 0.2 + step / 500, step)
+    w.add_scalar("val/loss", 4.0, 40)
+    w.close()
+    plotted = figure([("a", [load_run(run)])], tmp_path / "report.png")
+    assert plotted == ["train/loss", "val/loss", "train/g_acc_dense"]
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,7 +7,7 @@ Each RUN_DIR is a Lightning version dir (``events.out.tfevents.*``, ``config.yam
 ``hparams.yaml``) or a parent of such dirs (every version dir below it with an event file
 is a run). ``--names`` gives one name per run found, or one per RUN_DIR (shared by every
 run found below it). Writes ``report.md`` (a table plus a legend) and ``report.png``
-(val/loss, train/g_acc and train/kl_div against step) into ``--out``.
+(train/loss, val/loss, train/g_acc_dense and train/kl_div against step) into ``--out``.
 
 Runs that share a name (seeds of one arm) are grouped: one row per name with mean ± std
 and the number of runs n, in the columns of the research protocol; ``--group`` groups
@@ -28,7 +28,10 @@ import yaml
 EVENT_GLOB = "events.out.tfevents.*"
 MISSING = "—"
 NMI_TAG = re.compile(r"^routing/[^/]+/domain_nmi$")
-PLOT_TAGS = ("val/loss", "train/g_acc", "train/kl_div")
+# panel titles: the training loss beside the validation loss, so a short run that validated
+# once still has a curve; g_acc_dense is the accuracy to read (chance 1/E)
+PLOT_TAGS = {"train/loss": "train/loss", "val/loss": "val/loss",
+             "train/g_acc_dense": "train/g_acc_dense (chance 1/E)", "train/kl_div": "train/kl_div"}
 
 # column header → what it is (and the tag it comes from), for the legend under the table
 LEGEND = {
@@ -230,15 +233,17 @@ def _curve(runs: list[dict], tag: str) -> tuple[list[int], list[float], list[flo
     return steps, [statistics.fmean(v) for v in vals], [statistics.pstdev(v) for v in vals]
 
 
-def figure(groups: list[tuple[str, list[dict]]], path: Path) -> None:
-    """One curve per group (its mean, with a ± std band when it has several runs)."""
+def figure(groups: list[tuple[str, list[dict]]], path: Path) -> list[str]:
+    """One curve per group (its mean, with a ± std band when it has several runs); returns
+    the tags that had data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PLOT_TAGS), figsize=(5 * len(PLOT_TAGS), 4))
-    for ax, tag in zip(axes, PLOT_TAGS):
+    plotted = []
+    for ax, (tag, title) in zip(axes, PLOT_TAGS.items()):
         for name, runs in groups:
             steps, mean, std = _curve(runs, tag)
             if not steps:
@@ -248,16 +253,18 @@ def figure(groups: list[tuple[str, list[dict]]], path: Path) -> None:
             if len(runs) > 1:
                 ax.fill_between(steps, [m - d for m, d in zip(mean, std)],
                                 [m + d for m, d in zip(mean, std)], color=line.get_color(), alpha=0.2)
-        ax.set_title(tag)
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize="small")
+            plotted.append(tag)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return plotted
 
 
 def _fail(msg: str) -> None:
