@@ -16,11 +16,11 @@ current step only, what the closed-form ("ghost") norms need: the routing, row n
 of the experts' outputs and hidden activations and — as gradients of zero "sink" leaves,
 out of the autograd graph itself — those of their gradients in the normal backward and
 the upstream gradient ḡ (see ``Capture``). Capture is off unless ``capture_stats`` is set
-(or the caller passes sinks), and ``clear_capture()`` drops every reference.
+(the model then makes the sinks), and ``clear_capture()`` drops every reference.
 
 ``compute`` is the forward as a pure function (it returns what the trainer reads instead
-of writing attributes), so a block can be compiled whole; ``forward`` = ``compute`` +
-``record``.
+of writing attributes), so the model's forward compiles as one graph; ``forward`` =
+``compute`` + ``record``.
 """
 
 from __future__ import annotations
@@ -319,10 +319,11 @@ class MoELayer(nn.Module):
         weight = self.router.weight.detach() if self.detach_router else self.router.weight
         return F.linear(x_ND, weight)
 
-    def forward(self, x: Tensor, sinks: Sinks | None = None) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         """``[N, D] → [N, D]`` (``[B, T, D]`` too). With ``capture_stats`` on (and grad
-        enabled) the layer makes its own sinks, unless given, and keeps the step's ``capture``."""
-        if sinks is None and self.capture_stats and torch.is_grad_enabled():
+        enabled) the layer makes its own sinks and keeps the step's ``capture``."""
+        sinks = None
+        if self.capture_stats and torch.is_grad_enabled():
             sinks = self.new_sinks(x.numel() // self.d_model, x)
         out, aux = self.compute(x, sinks)
         self.record(aux, sinks)

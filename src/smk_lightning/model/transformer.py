@@ -187,9 +187,10 @@ class MoETransformer(nn.Module):
             "rot_TC2", rotary_table(cfg.max_seq_len, cfg.d_model // cfg.n_heads), persistent=False
         )
         self.reset_parameters()
+        self._moe = [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]  # depth order
         # Compiled at the first training forward (a compiled module cannot be pickled, as DDP
         # spawn and deepcopy do before training).
-        self._compile_pending, self._compiled = cfg.compile, None
+        self._compiled = None
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -213,21 +214,19 @@ class MoETransformer(nn.Module):
                 f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}; "
                 "raise model.max_seq_len or lower data.seq_len"
             )
-        if self._compile_pending and self.training:
+        if self.cfg.compile and self._compiled is None and self.training:
             # The whole stack as one graph (fullgraph, static shapes: P = N·K rows whatever the
             # routing, so a new routing never recompiles). Per block it gained a tenth as much
             # on the launch-bound stand-in (BENCHMARKS.md): each compiled region's call costs.
             self._compiled = torch.compile(self.run_blocks, fullgraph=True, dynamic=False)
-            self._compile_pending = False
-        moe = list(self.moe_layers().values())
         capture = torch.is_grad_enabled()
         sinks = [layer.new_sinks(B * T, self.embed.weight) if capture and layer.capture_stats else None
-                 for layer in moe]
+                 for layer in self._moe]
         # compiled in training only: validation and sampling (whose length grows token by
         # token) would each compile graphs of their own
         run = self._compiled if self._compiled is not None and self.training else self.run_blocks
         logits, auxes = run(idx_BT, sinks)
-        for layer, aux, layer_sinks in zip(moe, auxes, sinks):
+        for layer, aux, layer_sinks in zip(self._moe, auxes, sinks):
             layer.record(aux, layer_sinks)
         return logits
 
