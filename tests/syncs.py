@@ -24,8 +24,6 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from smk_lightning.stats.ghost import gpu_path
-
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
             aten.bincount.default, aten.repeat_interleave.Tensor, aten.equal.default, aten.is_nonzero.default,
@@ -44,25 +42,13 @@ def _where() -> str:
 
 
 class HostSyncs(TorchDispatchMode):
-    """``with HostSyncs() as s: ...`` → ``s.hits``: [(op, where)] of every would-be sync.
-
-    Inside the window the project's code takes the GPU's path where it has a CPU-only one
-    (``stats.ghost.gpu_path``: host reads that cost nothing on the CPU are off), so what is
-    counted is what a GPU would run."""
+    """``with HostSyncs() as s: ...`` → ``s.hits``: [(op, where)] of every would-be sync (the
+    project's code takes the same path on every device, so this is what a GPU would run)."""
 
     def __init__(self) -> None:
         super().__init__()
         self._syncs: list[tuple[str, str]] = []
         self._lifted: dict[int, tuple[str, str]] = {}  # tensors made from Python data, not yet excused
-
-    def __enter__(self):
-        self._gpu_path = gpu_path()
-        self._gpu_path.__enter__()
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self._gpu_path.__exit__(*exc)
-        return super().__exit__(*exc)
 
     @property
     def hits(self) -> list[tuple[str, str]]:

@@ -8,9 +8,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from smk_lightning.module import SMKModule
 from smk_lightning.stats import expert_token_stats
-from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.module import SMKModule
 from tests.helpers import RandomTokens, tiny_model
 from tests.test_training_step import Recorder, layer_inputs_and_grads
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from smk_lightning.cli import main
-from smk_lightning.cli_checkpoint import load_state_dict_message
+from smk_lightning.cli.checkpoint import load_state_dict_message
 from smk_lightning.errors import ConfigError
 
 SMOKE = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
@@ -104,7 +104,7 @@ def test_probe_fraction_out_of_range(here, capsys, scope, fraction):
 @pytest.mark.parametrize("scope", ["probe", "dense", "routed"])
 @pytest.mark.parametrize("fraction", [0.0, 1.5, -0.1, float("nan")])
 def test_probe_fraction_rejected_for_every_scope(scope, fraction):
-    from smk_lightning.train_config import StatsConfig
+    from smk_lightning.training.config import StatsConfig
 
     with pytest.raises(ConfigError, match="probe_fraction"):
         StatsConfig(scope=scope, probe_fraction=fraction)
@@ -119,7 +119,7 @@ def test_unknown_engine_programmatic_is_value_error():
     with pytest.raises(ValueError, match="bogus"):
         expert_token_stats(layer, x, x, engine="bogus")
     with pytest.raises(ConfigError, match="bogus"):
-        from smk_lightning.train_config import StatsConfig
+        from smk_lightning.training.config import StatsConfig
 
         StatsConfig(engine="bogus")
 

@@ -4,6 +4,7 @@ that computed them, never sample twice at one step, and show document separators
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ from smk_lightning.callbacks import RouterMonitor, SystemMonitor, TextSampler
 from smk_lightning.callbacks import samples as samples_mod
 from smk_lightning.callbacks.samples import decode_visible_eot
 from smk_lightning.data.tokenizer import EOT_ID, train_tokenizer
+from smk_lightning.training.state import StepState
 
 E, N, D = 4, 12, 3
 
@@ -40,25 +42,31 @@ class FakeLayer:
         self.last_probs_NE = torch.softmax(torch.randn(N, E, generator=g), -1)
 
 
+@dataclass
+class FakeStepState(StepState):
+    """SMKModule's step state with fixed metrics, counting how often they are computed."""
+
+    module: object = None
+
+    def metrics(self):
+        self.module.metric_calls += 1
+        return {name: {"g_acc": torch.tensor(0.5), "kl_div": torch.tensor(0.25)} for name in self.stats}
+
+
 class FakeModule:
-    """What the callbacks read from SMKModule: layers, this micro-batch's stats and metrics."""
+    """What the callbacks read from SMKModule: layers and the step state."""
 
     device = torch.device("cpu")
     training = True
 
     def __init__(self):
         self.moe_layers = {"layer0": FakeLayer(0)}
-        self.step_stats: dict = {}
-        self.step_boundary = True
+        self.step_state = FakeStepState(module=self)
         self.metric_calls = 0
 
     def compute_stats(self, value: float) -> None:
         mask = torch.ones(N, E, dtype=torch.bool)
-        self.step_stats = {"layer0": (torch.full((N, E), value), torch.full((N, E), 2 * value), mask)}
-
-    def step_metrics(self):
-        self.metric_calls += 1
-        return {name: {"g_acc": torch.tensor(0.5), "kl_div": torch.tensor(0.25)} for name in self.step_stats}
+        self.step_state.stats = {"layer0": (torch.full((N, E), value), torch.full((N, E), 2 * value), mask)}
 
     def log(self, *args, **kwargs):  # progress-bar copies only
         pass
@@ -83,10 +91,9 @@ def run_steps(cb, trainer, module, n_steps, accum, stats_on=lambda step: True, l
     for step in range(n_steps):
         for micro in range(accum):
             last = micro == accum - 1
-            module.step_stats = {}
+            module.step_state = FakeStepState(module=module, boundary=last)
             if stats_on(step):
                 module.compute_stats(float(step + 1))
-            module.step_boundary = last
             if last:
                 trainer.global_step += 1
             cb.on_train_batch_end(trainer, module, None, batch(labelled), step * accum + micro)
@@ -134,8 +141,8 @@ def test_router_monitor_never_logs_stale_statistics():
 
 
 def test_router_monitor_ignores_statistics_left_by_validation():
-    """The same statistics object seen again (an older module that keeps step_stats, or what a
-    validation run left behind) is not a training step's."""
+    """The same statistics object seen again (what a validation run left behind) is not a
+    training step's."""
     trainer, module = fake_trainer(), FakeModule()
     mon = RouterMonitor(log_every_n_steps=1, heatmap_every_n_steps=1000)
     module.compute_stats(1.0)

@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from smk_lightning.module import SMKModule
-from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.module import SMKModule
 from tests.helpers import RandomDataModule, tiny_model
 
 SMK = RouterConfig(loss="smk")
@@ -26,10 +26,10 @@ class StepRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         rec = {"loss": outputs["loss"].detach().clone() if isinstance(outputs, dict) else outputs.detach().clone()}
-        for name, (M_A, M_G, mask) in pl_module.step_stats.items():
+        for name, (M_A, M_G, mask) in pl_module.step_state.stats.items():
             rec[f"{name}/M_A"], rec[f"{name}/M_G"], rec[f"{name}/mask"] = M_A.clone(), M_G.clone(), mask.clone()
-        for name, (_, t, _, _) in pl_module._step_targets.items():
-            rec[f"{name}/q"] = t.q_NE.clone()
+        for name, lt in pl_module.step_state.targets.items():
+            rec[f"{name}/q"] = lt.targets.q_NE.clone()
         self.steps.append(rec)
 
 

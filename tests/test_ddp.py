@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from smk_lightning.module import SMKModule
-from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.module import SMKModule
 from tests.helpers import RandomDataModule, tiny_model
 
 STEPS, BATCH = 3, 4
@@ -30,9 +30,9 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         rec = {"loss": loss.detach().clone(), "stats": {}, "targets": {}}
-        for name, (M_A, M_G, mask) in pl_module.step_stats.items():
+        for name, (M_A, M_G, mask) in pl_module.step_state.stats.items():
             rec["stats"][name] = (M_A.clone(), M_G.clone(), mask.clone())
-            t = pl_module._step_targets[name][1]
+            t = pl_module.step_state.targets[name].targets
             rec["targets"][name] = (t.q_NE.clone(), t.hard_N.clone(), t.dsc_NE.clone())
         self.steps.append(rec)
 

@@ -572,7 +572,7 @@ def test_every_delta_sc_name_has_an_implementation_and_the_config_offers_exactly
     import typing
 
     from smk_lightning.losses.smk import DELTA_SC, TARGETS
-    from smk_lightning.train_config import RouterConfig
+    from smk_lightning.training.config import RouterConfig
 
     hints = typing.get_type_hints(RouterConfig)
     assert typing.get_args(hints["delta_sc"]) == DELTA_SC

@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from smk_lightning.module import NonFiniteTrainingError, SMKModule
-from smk_lightning.train_config import OptimConfig, StatsConfig
+from smk_lightning.training.config import OptimConfig, StatsConfig
+from smk_lightning.training.module import NonFiniteTrainingError, SMKModule
 from tests.helpers import RandomDataModule, tiny_model
 
 
@@ -61,7 +61,7 @@ class Recorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.after.append(snapshot(pl_module))
         self.opt_after.append(opt_snapshot(pl_module.optimizers().optimizer))
-        self.skipped.append(pl_module.skipped_steps)
+        self.skipped.append(pl_module.guard.skipped)
         self.logged.append(float(trainer.callback_metrics["train/skipped_steps"]))
         self.global_step.append(trainer.global_step)
         self.lr.append(pl_module.lr_schedulers().get_last_lr()[0])
@@ -122,7 +122,7 @@ def test_single_nan_loss_step_is_skipped(tmp_path):
     # training went on to max_steps (max_steps counts good steps; one extra batch was consumed)
     assert trainer.global_step == 5 and len(rec.after) == 6
     assert rec.global_step == [1, 2, 2, 3, 4, 5]
-    assert module._consecutive_skips == 0
+    assert module.guard.consecutive == 0
 
 
 def test_nan_gradient_is_skipped(tmp_path):

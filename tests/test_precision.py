@@ -156,47 +156,6 @@ def test_vanishing_weight_fixups_need_no_host_sync(scope):
 
 
 @pytest.mark.parametrize("scope", ["routed", "probe", "dense"])
-def test_cpu_skips_the_recompute_when_nothing_is_lost_with_the_same_results(monkeypatch, scope):
-    """On the CPU (``FREE_HOST_READS``) the lost-pair recompute runs only if a pair is lost;
-    the GPU's path always recomputes its budget. Both give the same statistics, with lost
-    pairs (layer ``lost``) and without (``fine``) — bit for bit but in probe scope, whose
-    probe rows share one matmul with the recomputed rows (its rounding depends on the row
-    count) — and without lost pairs the CPU runs no recompute at all (routed scope: no
-    batched matmul)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    import smk_lightning.stats.ghost as ghost_mod
-    from smk_lightning.stats import StatsCapture
-
-    class CountBmm(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            CountBmm.n += func is torch.ops.aten.bmm.default
-            return func(*args, **(kwargs or {}))
-
-    layers, x, (g1, g2) = _lost_and_fine_layers()
-    out, bmms = {}, {}
-    for free in ({"cpu"}, set()):
-        monkeypatch.setattr(ghost_mod, "FREE_HOST_READS", free)
-        with StatsCapture(layers) as cap:
-            ((layers["lost"](x) * g1).sum() + (layers["fine"](x) * g2).sum()).backward()
-            for layer in layers.values():
-                layer.zero_grad()
-            cap.set_grad_scale(1.0)
-            gens = [torch.Generator().manual_seed(i) for i in range(2)]
-            CountBmm.n = 0
-            with CountBmm():
-                out[bool(free)] = cap.stats(ENGINES["ghost"], scope, 0.25, gens.__getitem__)
-            bmms[bool(free)] = CountBmm.n
-    for name in layers:
-        for a, b in zip(out[True][name], out[False][name]):
-            torch.testing.assert_close(a, b, rtol=1e-6 if scope == "probe" else 0, atol=0, equal_nan=True)
-    if scope == "routed":  # the GPU path recomputes for both layers, the CPU for "lost" only
-        assert bmms[False] > 0 and bmms[True] == bmms[False] // 2, bmms
-
-
-@pytest.mark.parametrize("scope", ["routed", "probe", "dense"])
 def test_layers_of_one_shape_together_equal_each_alone(monkeypatch, scope):
     """Layers of one shape are computed together (``layers_stats``: one ``ghost_step`` over
     ``[L, N, E]``): with lost pairs in one layer only and a budget of 5, each layer equals
@@ -299,8 +258,8 @@ def one_step_stats(precision: str, scope: str, engine: str, accelerator: str = "
     """Statistics of one real training step (Lightning runs training_step under autocast)."""
     import lightning as L
 
-    from smk_lightning.module import SMKModule
-    from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+    from smk_lightning.training.config import OptimConfig, RouterConfig, StatsConfig
+    from smk_lightning.training.module import SMKModule
     from tests.helpers import RandomDataModule, tiny_model
     from tests.test_training_step import Recorder
 

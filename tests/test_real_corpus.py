@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import smk_lightning.corpus_build as cb
-from smk_lightning.corpus_build import (
+import smk_lightning.tools.corpus_build as cb
+from smk_lightning.tools.corpus_build import (
     LICENSE_DIR,
     bible_paragraphs,
     fortune_paragraphs,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from smk_lightning.report import main
+from smk_lightning.tools.report import main
 
 SMK_CONFIG = "model:\n  router:\n    loss: smk\n  stats:\n    scope: probe\n    engine: ghost\n"
 
@@ -146,7 +146,7 @@ def test_bad_run_dir(tmp_path, capsys, make):
 
 def test_figure_plots_the_training_loss_when_validation_ran_once(tmp_path):
     """A short run with one validation still gets a curve: train/loss is a panel of its own."""
-    from smk_lightning.report import figure, load_run
+    from smk_lightning.tools.report import figure, load_run
 
     run = tmp_path / "run"
     run.mkdir()

@@ -14,8 +14,8 @@ import torch
 
 from smk_lightning.callbacks import RouterMonitor
 from smk_lightning.errors import ConfigError
-from smk_lightning.module import SMKModule
-from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.module import SMKModule
 from tests.helpers import RandomDataModule, tiny_model
 from tests.test_callbacks import FakeLogger
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smk_lightning.sweep import fit_command, main, parse_sets, plan, thread_env
+from smk_lightning.tools.sweep import fit_command, main, parse_sets, plan, thread_env
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
 # every run: 2 steps, logged every step, one validation at the end, no text samples

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from smk_lightning.callbacks import RouterMonitor, SystemMonitor
-from smk_lightning.module import SMKModule
-from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.module import SMKModule
 from tests.helpers import RandomDataModule, tiny_model
 from tests.syncs import HostSyncs
 
@@ -70,7 +70,7 @@ def test_one_host_sync_per_training_step(scope, loss):
     per_batch = [_not_optimizer(h) for h in _fit(_module(scope, loss), HostSyncs, steps=3)]
     for hits in per_batch[1:]:  # step 0 may set up state
         assert len(hits) == 1, hits
-        assert "distributed.py" in hits[0][1] and "module.py" in hits[0][1], hits  # all_ranks_true
+        assert "guard.py" in hits[0][1] and "module.py" in hits[0][1], hits  # the skip decision
 
 
 def test_one_host_sync_per_optimizer_step_with_accumulation():
@@ -109,4 +109,4 @@ def test_one_cuda_sync_per_training_step_on_gpu(scope):
     finally:
         torch.cuda.set_sync_debug_mode("default")  # also when a step raised inside the window
     for hits in per_batch[1:]:
-        assert len(hits) == 1 and "distributed.py" in hits[0][1], hits  # all_ranks_true
+        assert len(hits) == 1 and "guard.py" in hits[0][1], hits  # the skip decision

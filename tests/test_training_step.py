@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from smk_lightning.losses import smk_loss, smk_targets, switch_aux_loss
-from smk_lightning.module import SMKModule
 from smk_lightning.stats import expert_token_stats
-from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.module import SMKModule
 from tests.helpers import RandomDataModule, tiny_model
 
 
@@ -31,7 +31,7 @@ class Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == 0:
-            self.step_stats = {k: tuple(t.clone() for t in v) for k, v in pl_module.step_stats.items()}
+            self.step_stats = {k: tuple(t.clone() for t in v) for k, v in pl_module.step_state.stats.items()}
 
 
 def run_one_step(router: RouterConfig, stats: StatsConfig) -> tuple[SMKModule, Recorder]:
@@ -132,14 +132,14 @@ def test_routed_top1_warns():
 
 def test_step_stats_are_fresh_or_absent():
     """stats.every_n_steps=2: the callbacks see statistics on steps 0 and 2 only (never a
-    previous step's or a validation batch's), and step_boundary on every step (accum 1)."""
+    previous step's or a validation batch's), and the step boundary on every step (accum 1)."""
 
     class Seen(L.Callback):
         def __init__(self):
             self.seen = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.seen.append((bool(pl_module.step_stats), bool(pl_module.step_metrics()), pl_module.step_boundary))
+            self.seen.append((bool(pl_module.step_state.stats), bool(pl_module.step_state.metrics()), pl_module.step_state.boundary))
 
     torch.manual_seed(0)
     module = SMKModule(model=tiny_model(), stats=StatsConfig(every_n_steps=2, val_batches=1),

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smk_lightning.module import SMKModule
 from smk_lightning.stats import expert_token_stats
-from smk_lightning.train_config import RouterConfig, StatsConfig
+from smk_lightning.training.config import RouterConfig, StatsConfig
+from smk_lightning.training.module import SMKModule
 from tests.helpers import RandomTokens, tiny_model
 from tests.test_training_step import layer_inputs_and_grads
 
@@ -36,4 +36,4 @@ def test_validation_stats_equal_the_loop_oracle_in_every_layer(n_layers):
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in module.parameters())
-    assert module.step_stats == {} and module._step_targets == {}
+    assert module.step_state.stats == {} and module.step_state.targets == {}

@@ -107,7 +107,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Replaces Lightning's hook (whose manual-optimisation path ignores the time interval).
-        if not getattr(pl_module, "step_boundary", True) or self._should_skip_saving_checkpoint(trainer):
+        if not pl_module.step_state.boundary or self._should_skip_saving_checkpoint(trainer):
             return
         due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
         if self._train_time_interval is not None:

@@ -13,7 +13,7 @@
   and ``Total FLOPs: 0`` are always 0 here (Lightning counts FLOPs only for modules with an
   ``example_input_array``) and whose rows are just the model and a metric.
 
-Both progress displays act at optimizer-step boundaries only (``pl_module.step_boundary``,
+Both progress displays act at optimizer-step boundaries only (``pl_module.step_state.boundary``,
 False on the micro-batches inside a gradient-accumulation step).
 """
 
@@ -33,7 +33,7 @@ _SHORT = {"train/loss": "loss", "train/smk_loss": "smk_loss", "val/loss": "val l
 
 def _value(trainer, key: str) -> float | None:
     """The newest value of a metric: from ``self.log`` (callback_metrics), else the newest one
-    written to a logger that keeps it (``smk_lightning.loggers.TensorBoardLogger.latest``;
+    written to a logger that keeps it (``smk_lightning.cli.logger.TensorBoardLogger.latest``;
     some monitors write straight to the loggers)."""
     v = trainer.callback_metrics.get(key)
     if v is None:
@@ -71,7 +71,7 @@ class StepProgressBar(RichProgressBar):
             self._update(self.train_progress_bar_id, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not getattr(pl_module, "step_boundary", True):
+        if not pl_module.step_state.boundary:
             return
         if not self.is_disabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
@@ -106,7 +106,7 @@ class ProgressLines(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         # trainer.log_every_n_steps counts micro-batches under accumulation (see cli_trainer_options)
-        accum = getattr(getattr(pl_module, "optim_cfg", None), "accumulate_grad_batches", 1)
+        accum = pl_module.optim_cfg.accumulate_grad_batches
         n = trainer.log_every_n_steps // accum if self.every_n_steps is None else self.every_n_steps
         self._n = n
         self._active = bool(n) and trainer.progress_bar_callback is None and trainer.is_global_zero
@@ -142,7 +142,7 @@ class ProgressLines(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not self._active or not getattr(pl_module, "step_boundary", True) or step == self._last:
+        if not self._active or not pl_module.step_state.boundary or step == self._last:
             return
         final = trainer.max_steps > 0 and step >= trainer.max_steps
         if step % self._n == 0 or final:

@@ -17,5 +17,5 @@ class ValidateLastStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         max_steps = trainer.max_steps
         if (max_steps and max_steps > 0 and trainer.global_step >= max_steps
-                and getattr(pl_module, "step_boundary", True)):
+                and pl_module.step_state.boundary):
             trainer.should_stop = True

@@ -1,7 +1,7 @@
 """RouterMonitor: routing health, smk instruments and expert specialisation in TensorBoard.
 
 Tags (``<layer>`` is ``layer<i>``):
-    train/g_acc, train/kl_div, …                       mean over MoE layers of the module's step_metrics()
+    train/g_acc, train/kl_div, …                       mean over MoE layers of the module's step_state.metrics()
     train/<layer>/g_acc, …/kl_div, …                   per layer (validation: val/<layer>/…)
     routing/<layer>/load                               histogram of per-expert token share
     routing/load_max_share                             largest expert share (1/E is balanced)
@@ -20,7 +20,7 @@ Domain tags and figures need labelled data (the embedded corpus: the datamodule'
 
 With gradient accumulation a callback sees every micro-batch while ``trainer.global_step``
 stands still, so counts are accumulated on every micro-batch and scalars and figures are
-logged once, on the micro-batch that ended the optimizer step (``pl_module.step_boundary``).
+logged once, on the micro-batch that ended the optimizer step (``pl_module.step_state.boundary``).
 Statistics are used only on the micro-batch that computed them (see ``_fresh_stats``); when
 a log step has none (``stats.every_n_steps > 1``), the statistics' scalars are logged at the
 next step that computes them, under that step's number.
@@ -55,11 +55,6 @@ def normalized_mutual_info(counts_XY: np.ndarray) -> float:
     hx = float(-(px[px > 0] * np.log(px[px > 0])).sum())
     hy = float(-(py[py > 0] * np.log(py[py > 0])).sum())
     return 0.0 if hx + hy == 0 else 2 * mi / (hx + hy)
-
-
-def step_boundary(pl_module) -> bool:
-    """True on the micro-batch that ended an optimizer step (always, without accumulation)."""
-    return bool(getattr(pl_module, "step_boundary", True))
 
 
 def tensorboard(trainer):
@@ -123,10 +118,10 @@ class RouterMonitor(L.Callback):
         return list(getattr(trainer.datamodule, "domain_names", None) or [])
 
     def _fresh_stats(self, pl_module) -> dict:
-        """This micro-batch's statistics: the module empties ``step_stats`` on micro-batches that
-        compute none; an entry that is the same object as one used before (left over from an
-        earlier step, or from validation) is stale as well and is skipped."""
-        stats = getattr(pl_module, "step_stats", None) or {}
+        """This micro-batch's statistics (``pl_module.step_state``: empty on micro-batches that
+        compute none); an entry that is the same object as one used before is stale and is
+        skipped."""
+        stats = pl_module.step_state.stats
         fresh = {k: v for k, v in stats.items() if self._seen.get(k) is not v[0]}
         self._seen.update({k: v[0] for k, v in stats.items()})
         return fresh
@@ -137,7 +132,7 @@ class RouterMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not pl_module.moe_layers:
             return
-        boundary = step_boundary(pl_module)
+        boundary = pl_module.step_state.boundary
         # the optimizer step this micro-batch belongs to (global_step counts it once it is taken)
         step = trainer.global_step if boundary else trainer.global_step + 1
         fresh = self._fresh_stats(pl_module)
@@ -210,7 +205,7 @@ class RouterMonitor(L.Callback):
         """smk metrics and statistic means of this micro-batch's (fresh) statistics."""
         logs = {}
         per_key: dict[str, list] = defaultdict(list)
-        metrics = pl_module.step_metrics()
+        metrics = pl_module.step_state.metrics()
         for lname in pl_module.moe_layers:
             if lname not in fresh:
                 continue

@@ -13,7 +13,7 @@ import re
 import lightning as L
 import torch
 
-from smk_lightning.callbacks.routing import step_boundary, tensorboard
+from smk_lightning.callbacks.routing import tensorboard
 from smk_lightning.data.corpus import PROMPTS
 
 
@@ -67,7 +67,7 @@ class TextSampler(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every and step > 0 and step % self.every == 0 and step_boundary(pl_module):
+        if self.every and step > 0 and step % self.every == 0 and pl_module.step_state.boundary:
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

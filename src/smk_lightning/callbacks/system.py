@@ -9,7 +9,7 @@ import time
 import lightning as L
 import torch
 
-from smk_lightning.callbacks.routing import log_now, step_boundary
+from smk_lightning.callbacks.routing import log_now
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -52,7 +52,7 @@ class SystemMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += batch["input_ids"].numel()  # every micro-batch's tokens
-        if not step_boundary(pl_module) or trainer.global_step % self.log_every:
+        if not pl_module.step_state.boundary or trainer.global_step % self.log_every:
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)

@@ -9,7 +9,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from smk_lightning.distributed import gather_objects, rank, world_size
+from smk_lightning.training.distributed import gather_objects, rank, world_size
 
 _EPOCH_KEY = "smk_next_epoch"
 # Under DDP the checkpoint holds every rank's state, in rank order: Lightning writes rank 0's

@@ -22,7 +22,6 @@ lost pairs' recompute when none is lost.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -37,36 +36,13 @@ from smk_lightning.stats.rules import ghost_rows, ghost_rows_all_experts
 
 # Elements of one [E, rows, F] intermediate of ghost_dense_rows, by device type (about five
 # are alive at once); rows are processed in equal chunks of at most DENSE_CHUNK_ELEMENTS // (E·F).
-# CPU: 2 MB in float32, so a chunk's elementwise work stays in cache (measured at E=8,
-# F=256, D=128, median ms of one layer's 512 probe rows / 2048 dense rows: 2^19 elements
-# 14–16 / 57–67 at 2 threads, 22–27 / 106–116 at 1 thread; 2^20: 20–26 / 84–106 and
-# 42–44 / 174–180; 2^18 and 2^17 about as 2^19, 2^16 slower; 2^24 slower still);
-# elsewhere (GPU): 64 MB, a few large kernels with bounded memory.
+# CPU: 2 MB in float32, so a chunk's elementwise work stays in cache (the fastest of the
+# sizes timed, BENCHMARKS.md); elsewhere (GPU): 64 MB, a few large kernels with bounded memory.
 DENSE_CHUNK_ELEMENTS = {"cpu": 1 << 19, "default": 1 << 24}
 # Routed pairs per layer and step whose M_G is recomputed when their combine weight is too
 # small to divide out (see ``ghost_step``): a fixed count, so the step has no host sync; it
 # costs one ``ghost_dense_rows`` call on this many rows (merged into the probe rows' call).
 LOST_PAIR_BUDGET = 16
-# Device types where reading a value on the host costs nothing, there being no device to
-# wait for: there ``ghost_step`` looks whether any routed pair was lost and, if none was
-# (nearly always), skips the budget's recompute (on the CPU it was ~6 ms of a ~290 ms step
-# at configs/default.yaml, 2 threads). The results are the same either way (in probe scope
-# to float rounding: the probe rows share a matmul with the recomputed ones). ``gpu_path()``
-# empties this set while a tool counts what a GPU would do (syncs, ops).
-FREE_HOST_READS = {"cpu"}
-
-
-@contextmanager
-def gpu_path():
-    """Within: the GPU's code path on every device (``FREE_HOST_READS`` emptied), for the
-    tools that count on the CPU what a GPU step would do (the tests' sync detector,
-    ``smk-bench --count-ops``)."""
-    free = set(FREE_HOST_READS)
-    FREE_HOST_READS.clear()
-    try:
-        yield
-    finally:
-        FREE_HOST_READS.update(free)
 
 
 @torch.no_grad()
@@ -125,8 +101,7 @@ def ghost_step(layers: list[MoELayer], topi_LNK: Tensor, scope: str, rows_LR: Te
                M_A: Tensor, M_G: Tensor, mask_LNE: Tensor) -> Tensor:
     """Fill ``M_A``/``M_G`` ``[L, N, E]`` of a training step in ``scope`` from the captures
     of L layers of one shape (``topi_LNK``: their routing, stacked; ``rows_LR``: their probe
-    rows in scope 'probe'), with static shapes and no host sync on a GPU (see
-    ``FREE_HOST_READS`` for the CPU). The routed pairs of all layers are computed at once;
+    rows in scope 'probe'), with static shapes and no host sync, the same on every device. The routed pairs of all layers are computed at once;
     only the rows recomputed from scratch need each layer's own weights. Returns the number
     of routed pairs per layer ``[L]`` (on the device) whose M_G could not be computed (lost
     pairs beyond ``LOST_PAIR_BUDGET``, see below); they are cleared from ``mask_LNE`` and
@@ -177,8 +152,6 @@ def ghost_step(layers: list[MoELayer], topi_LNK: Tensor, scope: str, rows_LR: Te
     else:
         todo_LNK = lost_LNK
     C = min(N * K, LOST_PAIR_BUDGET)
-    if C and w_LNK.device.type in FREE_HOST_READS and not todo_LNK.any():  # host read: free here (see above)
-        C = 0
     todo_LX = todo_LNK.view(L, -1)  # X = N·K (token, slot) pairs, flat
     fix_LC = torch.where(todo_LX, w_LNK.view(L, -1), float("inf")).topk(C, largest=False).indices
     # One call per layer for its probe rows and the tokens of its pairs to fix: every expert on each row.

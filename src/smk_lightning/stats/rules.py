@@ -48,9 +48,8 @@ def ghost_rows_all_experts(kind: ExpertKind, x_RD: Tensor, g_RD: Tensor, w_in: t
 
     Batched matmuls over experts, rows broadcast against the stacked weights
     (``[R, D] × [E, D, F] → [E, R, F]``): no copy of the weights, and the elementwise work
-    runs on contiguous ``[E, R, F]`` (measured on CPU against one wide GEMM over ``[D, E·F]``,
-    which has to permute-copy every weight each call: as fast or faster at every row count
-    tried, 0.45 vs 1.6 ms for 8 rows, 11.7 vs 12.6 ms for 512; BENCHMARKS.md).
+    runs on contiguous ``[E, R, F]``. One wide GEMM over ``[D, E·F]`` would permute-copy
+    every weight on each call (slower at every row count timed, BENCHMARKS.md).
     """
     pre = tuple(torch.matmul(x_RD, w_EDF) for w_EDF in w_in)
     a_ERF, h_ERF = kind.activations(pre)

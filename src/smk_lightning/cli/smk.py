@@ -19,6 +19,7 @@ import re
 import sys
 import warnings
 from argparse import ArgumentError
+from functools import partial
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -38,7 +39,7 @@ from smk_lightning.callbacks import (
     TextSampler,
     ValidateLastStep,
 )
-from smk_lightning.cli_checkpoint import (
+from smk_lightning.cli.checkpoint import (
     SPECIAL_CKPT,
     checkpoint_mismatch,
     load_checkpoint,
@@ -48,7 +49,7 @@ from smk_lightning.cli_checkpoint import (
     run_version_of,
     version_dir,
 )
-from smk_lightning.cli_trainer_options import (
+from smk_lightning.cli.trainer_options import (
     check_accelerator,
     check_barebones,
     check_compile,
@@ -57,12 +58,12 @@ from smk_lightning.cli_trainer_options import (
     map_optim_options,
 )
 from smk_lightning.data import SMKDataModule
-from smk_lightning.errors import ConfigError, one_line
-from smk_lightning.module import NonFiniteTrainingError, SMKModule
+from smk_lightning.errors import ConfigError, exit_with_error, one_line
+from smk_lightning.training.module import NonFiniteTrainingError, SMKModule
 
 TRAINER_DEFAULTS = {
     "logger": {
-        "class_path": "smk_lightning.loggers.TensorBoardLogger",  # Lightning's; keeps the newest values for the console
+        "class_path": "smk_lightning.cli.logger.TensorBoardLogger",  # Lightning's; keeps the newest values for the console
         "init_args": {"save_dir": "lightning_logs", "name": "smk", "default_hp_metric": False},
     },
     "inference_mode": False,  # validation statistics need a backward pass
@@ -253,9 +254,7 @@ def _parse_error_message(err: ArgumentError, args) -> str:
     return f"{msg} (see: smk {sub} --help)" if sub else f"{msg} (see: smk --help)"
 
 
-def _error_exit(message: str) -> None:
-    sys.stderr.write(f"smk: error: {one_line(message)}\n")
-    sys.exit(2)
+_error_exit = partial(exit_with_error, "smk")
 
 
 class _DropNoise(logging.Filter):

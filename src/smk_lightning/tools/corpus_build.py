@@ -69,11 +69,13 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterable
+from functools import partial
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+
+from smk_lightning.errors import exit_with_error
 
 FORTUNE_DIR = Path("/usr/share/games/fortunes")
 LICENSE_DIR = Path("/usr/share/common-licenses")
@@ -603,9 +605,7 @@ def _missing(packages: Iterable[str]) -> list[str]:
     return [p for p in packages if not installed(p)]
 
 
-def _fail(msg: str) -> None:
-    print(f"smk-build-corpus: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+_fail = partial(exit_with_error, "smk-build-corpus")  # bad input: one line, exit status 2
 
 
 def ensure_packages(packages: list[str], install: bool) -> None:

@@ -2,8 +2,8 @@
 continues, and one-line refusals of checkpoints that cannot be used.
 
 ``smk`` advises ``--ckpt_path last`` after Ctrl-C or SIGTERM. Lightning resolves ``last``
-inside the *new* run's checkpoint directory (``version_N+1``, empty), so it used to warn and
-start from step 0. Here ``last`` is the newest ``checkpoints/last.ckpt`` under the logger's
+inside the *new* run's checkpoint directory (``version_N+1``, empty), so on its own it
+would warn and start from step 0. Here ``last`` is the newest ``checkpoints/last.ckpt`` under the logger's
 ``save_dir/name`` (or ``checkpoint.dirpath``), and a fit from a checkpoint of a run in that
 tree logs into that run's directory again: one event directory, steps continuing.
 """

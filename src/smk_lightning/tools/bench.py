@@ -34,12 +34,11 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
-from smk_lightning.cli_trainer_options import check_precision
+from smk_lightning.cli.trainer_options import check_precision
 from smk_lightning.errors import ConfigError
 from smk_lightning.model import ModelConfig, MoELayer, MoETransformer
-from smk_lightning.module import SMKModule
-from smk_lightning.stats.ghost import gpu_path
-from smk_lightning.train_config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.config import OptimConfig, RouterConfig, StatsConfig
+from smk_lightning.training.module import SMKModule
 
 
 @dataclass(frozen=True)
@@ -235,8 +234,7 @@ class _CountOps(TorchDispatchMode):
 
 
 class OpCounter(L.Callback):
-    """Aten ops dispatched in each training batch (views included), on the GPU's code path
-    where the project has a CPU-only one (``stats.ghost.gpu_path``): a launch-bound GPU step
+    """Aten ops dispatched in each training batch (views included): a launch-bound GPU step
     pays about the same per op, whatever its size."""
 
     def __init__(self) -> None:
@@ -246,7 +244,6 @@ class OpCounter(L.Callback):
     def on_train_batch_start(self, *args) -> None:
         self.counts.append(0)
         self._on = ExitStack()
-        self._on.enter_context(gpu_path())
         self._on.enter_context(_CountOps(self.counts))
 
     def on_train_batch_end(self, *args) -> None:

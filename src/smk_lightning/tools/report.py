@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import sys
+from functools import partial
 from pathlib import Path
 
 import yaml
+
+from smk_lightning.errors import exit_with_error
 
 EVENT_GLOB = "events.out.tfevents.*"
 MISSING = "—"
@@ -267,10 +269,7 @@ def figure(groups: list[tuple[str, list[dict]]], path: Path) -> list[str]:
     return plotted
 
 
-def _fail(msg: str) -> None:
-    """Bad input: one line on stderr, exit status 2 (as argparse does), no traceback."""
-    print(f"smk-report: error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
+_fail = partial(exit_with_error, "smk-report")  # bad input: one line, exit status 2
 
 
 def write_report(named: list[tuple[str, Path]], out: Path, group: bool = False) -> str:

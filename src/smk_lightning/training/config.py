@@ -10,6 +10,7 @@ from typing import Literal
 
 from smk_lightning.errors import ConfigError
 from smk_lightning.losses.smk import DeltaSC, Target
+from smk_lightning.stats.engines import get_engine
 from smk_lightning.stats.scopes import check_probe_fraction, check_scope
 from smk_lightning.stats.vmap import DEFAULT_CHUNK_SIZE, check_chunk_size
 
@@ -68,8 +69,6 @@ class StatsConfig:
     """Seed of the probe-token draw (probe rows are a pure function of seed, step, micro-batch, layer and rank)."""
 
     def __post_init__(self) -> None:
-        from smk_lightning.stats import get_engine
-
         try:
             get_engine(self.engine)
             check_scope(self.scope, self.probe_fraction)

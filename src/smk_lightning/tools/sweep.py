@@ -24,18 +24,18 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO
+
+from smk_lightning.errors import exit_with_error
 
 STATE = "sweep.json"  # per run: the command it was made with and whether it finished
 LOG = "fit.log"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    """One line on stderr, exit status 2 for bad input (as argparse does), no traceback."""
-    print(f"smk-sweep: error: {msg}", file=sys.stderr)
-    raise SystemExit(code)
+_fail = partial(exit_with_error, "smk-sweep")  # bad input: one line, exit status 2
 
 
 def parse_sets(sets: list[str], names: list[str]) -> dict[str, list[str]]:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run_all(runs, args.jobs)
 
-    from smk_lightning.report import write_report
+    from smk_lightning.tools.report import write_report
 
     write_report([(r.name, r.run_dir) for r in runs], args.out, group=True)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.png'} "

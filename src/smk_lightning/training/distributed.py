@@ -41,14 +41,6 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return out
 
 
-def all_ranks_true(flag: Tensor) -> bool:
-    """True when ``flag`` (a 0-d bool tensor) is true on every rank. One host sync."""
-    if world_size() > 1:
-        flag = flag.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag)
-
-
 def average_grads(params: list[Tensor]) -> None:
     """Replace each parameter's ``.grad`` by its mean over ranks (missing grads count as 0)."""
     if world_size() == 1 or not params:
