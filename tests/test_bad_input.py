@@ -170,7 +170,7 @@ def test_invalid_utf8_lines_are_skipped_and_counted(here, capsys):
     with pytest.warns(UserWarning, match="skipping 7 line"):
         main(["fit", "--config", SMOKE, "--data.data_files", str(here / "mixed.txt"),
               "--data.cache_dir", str(here / "cache"), *SHORT])
-    assert (here / "lightning_logs" / "smk" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert (here / "lightning_logs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt").is_file()
     assert "Traceback" not in capsys.readouterr().err
 
 
@@ -209,7 +209,7 @@ def trained(tmp_path_factory):
         main(["fit", "--config", SMOKE, "--data.cache_dir", str(root / "cache"), *SHORT])
     finally:
         os.chdir(cwd)
-    run_dir = root / "lightning_logs" / "smk" / "version_0"
+    run_dir = root / "lightning_logs" / "smoke" / "version_0"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     bare = run_dir / "checkpoints" / "no_hparams.ckpt"  # like a checkpoint saved by other code
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -289,7 +289,7 @@ def test_truncated_checkpoint_is_refused(trained, here, capsys):
 
 def test_resume_last_without_any_checkpoint(here, capsys):
     msg = fails(here, capsys, "--ckpt_path", "last")
-    assert "no last.ckpt" in msg and "lightning_logs/smk/*/checkpoints/last.ckpt" in msg and "drop --ckpt_path" in msg
+    assert "no last.ckpt" in msg and "lightning_logs/smoke/*/checkpoints/last.ckpt" in msg and "drop --ckpt_path" in msg
 
 
 # -- 11. options --help offers that the project cannot honour -----------------------------------
@@ -331,7 +331,7 @@ def test_trainer_clip_and_accumulation_map_to_model_optim(here, capsys):
               "--trainer.gradient_clip_val", "0.5", "--trainer.gradient_clip_algorithm", "norm",
               "--trainer.accumulate_grad_batches", "2"])
     assert "Traceback" not in capsys.readouterr().err
-    ck = torch.load(here / "lightning_logs" / "smk" / "version_0" / "checkpoints" / "last.ckpt",
+    ck = torch.load(here / "lightning_logs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt",
                     map_location="cpu", weights_only=True)
     assert ck["global_step"] == 2
     assert ck["hyper_parameters"]["optim"]["grad_clip"] == 0.5

@@ -45,7 +45,7 @@ def smoke_run(tmp_path_factory):
 
 
 def test_fit_writes_checkpoint_and_tags(smoke_run):
-    run_dir = smoke_run / "lightning_logs" / "smk" / "version_0"
+    run_dir = smoke_run / "lightning_logs" / "smoke" / "version_0"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     tags = event_tags(run_dir)
     for kind, names in TAGS.items():
@@ -55,9 +55,9 @@ def test_fit_writes_checkpoint_and_tags(smoke_run):
 
 def test_validate_from_checkpoint(smoke_run, monkeypatch):
     monkeypatch.chdir(smoke_run)
-    ckpt = smoke_run / "lightning_logs" / "smk" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = smoke_run / "lightning_logs" / "smoke" / "version_0" / "checkpoints" / "last.ckpt"
     main(["validate", "--config", SMOKE, "--data.cache_dir", str(smoke_run / "cache"), "--ckpt_path", str(ckpt)])
-    tags = event_tags(smoke_run / "lightning_logs" / "smk" / "version_1")
+    tags = event_tags(smoke_run / "lightning_logs" / "smoke" / "version_1")
     assert "val/loss" in tags["scalars"] and "val/g_acc" in tags["scalars"]
 
 
@@ -69,6 +69,36 @@ def test_fit_on_a_plain_text_file(tmp_path, monkeypatch):
     main(["fit", "--config", SMOKE, "--data.data_files", str(tmp_path / "my.txt"), "--data.cache_dir",
           str(tmp_path / "cache"), "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
           "--samples.every_n_steps", "0"])
-    run_dir = tmp_path / "lightning_logs" / "smk" / "version_0"
+    run_dir = tmp_path / "lightning_logs" / "smoke" / "version_0"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert "val/loss" in event_tags(run_dir)["scalars"]
+
+
+@pytest.mark.parametrize("args, name", [
+    (["--config", SMOKE], "smoke"),  # the last --config's file name
+    (["--config", SMOKE, "--model.router.loss", "switch", "--model.router.weight", "0.01"], "smoke"),
+    (["--config", SMOKE, "--trainer.logger.init_args.name", "mine"], "mine"),  # an explicit name stays
+    (["--model.model.d_model", "32", "--model.router.loss", "switch"], "switch"),  # no config: the router
+])
+def test_runs_are_named_by_what_they_are(tmp_path, monkeypatch, args, name):
+    from smk_lightning.cli import make_cli
+
+    monkeypatch.chdir(tmp_path)
+    cli = make_cli([*args, "--data.cache_dir", str(tmp_path / "cache")], run=False)
+    assert Path(cli.trainer.log_dir) == Path("lightning_logs") / name / "version_0"
+
+
+def test_fit_prints_the_run_directory_at_start_and_end(smoke_run, capsys):
+    """The module-scoped run printed before capsys; run a second, shorter fit to see it."""
+    import os
+
+    cwd = Path.cwd()
+    os.chdir(smoke_run)
+    try:
+        main(["fit", "--config", SMOKE, "--data.cache_dir", str(smoke_run / "cache"), "--trainer.max_steps", "1",
+              "--trainer.logger.init_args.name", "printed", "--trainer.enable_progress_bar", "false"])
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    where = str(Path("lightning_logs") / "printed" / "version_0")
+    assert f"smk: run directory {where}" in out and f"smk: done; run directory {where}" in out

@@ -32,7 +32,7 @@ def piped(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return root / "lightning_logs" / "smk" / "version_0", p.stdout, p.stderr
+    return root / "lightning_logs" / "smoke" / "version_0", p.stdout, p.stderr
 
 
 def test_piped_stdout_gets_plain_progress_lines(piped):
@@ -40,7 +40,7 @@ def test_piped_stdout_gets_plain_progress_lines(piped):
     lines = out.splitlines()
     train = [ln for ln in lines if re.fullmatch(r"step \d+/7 \| loss \d+\.\d{3} .*\| ETA \S+", ln)]
     assert [int(ln.split()[1].split("/")[0]) for ln in train] == [2, 4, 6, 7], out
-    assert "tok/s" in train[-1] and "val loss" in train[-1] and "g_acc" in train[-1]
+    assert "tok/s" in train[-1] and "val loss" in train[-1] and "g_acc_dense" in train[-1] and "(chance 0.25)" in train[-1]
     val = [ln for ln in lines if re.match(r"step \d+/7 \| val loss \d+\.\d{3} \| val ppl", ln)]
     assert [ln.split()[1] for ln in val] == ["5/7", "7/7"], out
     assert "\r" not in out and "Epoch" not in out and "v_num" not in out  # no progress bar in a file

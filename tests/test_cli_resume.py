@@ -82,7 +82,7 @@ def killed(tmp_path_factory):
     SMKDataModule(**{**data, "cache_dir": str(cache)}).prepare_data()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "smk_lightning.cli", "fit", *common(cache), "--trainer.max_steps", "100000"]
-    run_dir = root / "lightning_logs" / "smk" / "version_0"
+    run_dir = root / "lightning_logs" / "smoke" / "version_0"
     last = run_dir / "checkpoints" / "last.ckpt"
     with open(root / "out.txt", "w") as out:
         p = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

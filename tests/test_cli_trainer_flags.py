@@ -37,11 +37,11 @@ def test_enable_checkpointing_false_saves_nothing(here, capsys, monkeypatch):
     """No ``checkpoint`` callback then (Lightning would refuse the pair): the run trains and
     logs, and writes no checkpoint; an interrupted run says so instead of 'resume'."""
     fit(here, "--trainer.enable_checkpointing", "false")
-    assert list(here.glob("lightning_logs/smk/version_0/events.out.tfevents.*"))
+    assert list(here.glob("lightning_logs/smoke/version_0/events.out.tfevents.*"))
     assert not list(here.rglob("*.ckpt"))
     assert cli._saved() == "without a checkpoint (--trainer.enable_checkpointing false)"
     fit(here)  # the next run checkpoints again
-    assert (here / "lightning_logs/smk/version_1/checkpoints/last.ckpt").is_file()
+    assert (here / "lightning_logs/smoke/version_1/checkpoints/last.ckpt").is_file()
     assert cli._saved().endswith("resume with --ckpt_path last")
 
 
@@ -49,14 +49,14 @@ def test_default_root_dir_holds_the_run_and_ckpt_path_last_finds_it(here):
     """``--trainer.default_root_dir D``: logs and checkpoints under ``D/lightning_logs`` (as
     Lightning's own default logger), and ``--ckpt_path last`` looks there."""
     fit(here, "--trainer.default_root_dir", "runs")
-    run = here / "runs" / "lightning_logs" / "smk" / "version_0"
+    run = here / "runs" / "lightning_logs" / "smoke" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("events.out.tfevents.*"))
     assert not (here / "lightning_logs").exists()
     fit(here, "--trainer.default_root_dir", "runs", "--ckpt_path", "last", "--trainer.max_steps", "4")
-    assert not (here / "runs" / "lightning_logs" / "smk" / "version_1").exists(), "a resumed run continues its directory"
+    assert not (here / "runs" / "lightning_logs" / "smoke" / "version_1").exists(), "a resumed run continues its directory"
     # an explicit save_dir is the user's choice and stays
     fit(here, "--trainer.default_root_dir", "runs", "--trainer.logger.init_args.save_dir", "elsewhere")
-    assert (here / "elsewhere" / "smk" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert (here / "elsewhere" / "smoke" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_validate_without_a_checkpoint_warns(here):

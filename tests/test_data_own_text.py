@@ -36,7 +36,7 @@ def own_text_run(tmp_path_factory):
               "--router_monitor.heatmap_every_n_steps", "3"])
     finally:
         os.chdir(cwd)
-    ea = EventAccumulator(str(next((root / "lightning_logs" / "smk" / "version_0").glob("events.out.tfevents.*"))),
+    ea = EventAccumulator(str(next((root / "lightning_logs" / "smoke" / "version_0").glob("events.out.tfevents.*"))),
                           size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
     ea.Reload()
     return ea

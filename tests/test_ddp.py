@@ -146,7 +146,7 @@ def test_validation_on_your_text_is_the_same_on_two_ranks(tmp_path, monkeypatch)
 
     main(["validate", *common])
     main(["validate", *common, "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"])
-    one, two = (_val_scalars(tmp_path / "lightning_logs" / "smk" / f"version_{v}") for v in (0, 1))
+    one, two = (_val_scalars(tmp_path / "lightning_logs" / "smoke" / f"version_{v}") for v in (0, 1))
     assert abs(two["val/loss"] - math.log(two["val/ppl"])) < 1e-4, two
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=1e-4), (k, one, two)
@@ -192,4 +192,4 @@ def test_resume_on_two_ranks_reads_each_ranks_own_data(tmp_path, monkeypatch):
         assert len(full) == 10 and part == full, r
     assert (tmp_path / "full.rank0").read_text() != (tmp_path / "full.rank1").read_text()
     with pytest.warns(UserWarning, match="saved by 2 rank"):
-        fit("one", 12, "--ckpt_path", "lightning_logs/smk/part/checkpoints/last.ckpt")
+        fit("one", 12, "--ckpt_path", "lightning_logs/smoke/part/checkpoints/last.ckpt")

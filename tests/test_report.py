@@ -20,7 +20,7 @@ def _write_run(run_dir, smk: bool, final_val_loss: float, extra: dict | None = N
         w.add_scalar("throughput/tokens_per_s", 1000.0 + step, step)
         w.add_scalar("memory/peak_mb", 100.0 + step, step)
         if smk:
-            w.add_scalar("train/g_acc", 0.25 + step / 400, step)
+            w.add_scalar("train/g_acc_dense", 0.25 + step / 400, step)
             w.add_scalar("train/kl_div", 1.0 - step / 200, step)
     for step, loss in [(50, 4.0), (100, final_val_loss)]:
         w.add_scalar("val/loss", loss, step)
@@ -58,8 +58,8 @@ def test_report_two_runs(tmp_path):
     assert smk["steps"] == "100"
     assert smk["val loss"] == "2.25" and switch["val loss"] == "3.5"
     assert smk["val ppl"] == "4.757"  # 2 ** 2.25
-    assert smk["g_acc"] == "0.5" and smk["kl_div"] == "0.5"
-    assert switch["g_acc"] == "—" and switch["kl_div"] == "—"
+    assert smk["g_acc_dense"] == "0.5" and smk["kl_div"] == "0.5"
+    assert switch["g_acc_dense"] == "—" and switch["kl_div"] == "—"
     assert smk["load max share"] == "0.5"  # steps 80..100 are the last 20%
     assert smk["dead experts"] == "1"
     assert smk["domain NMI"] == "0.375"

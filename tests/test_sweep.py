@@ -131,3 +131,11 @@ def test_conflicting_run_dir(tmp_path, capsys):
         main([str(SMOKE), "--seeds", "1", "--out", str(out)])
     assert exc.value.code == 2
     assert "made by a different command" in capsys.readouterr().err
+
+
+def test_steps_validate_often_enough_for_a_curve():
+    """--steps N validates at least 5 times, at a divisor of N (so also at the last step)."""
+    from smk_lightning.tools.sweep import val_interval
+
+    for steps, every in ((600, 120), (150, 30), (1200, 240), (7, 1), (2, 1), (1, 1), (101, 1)):
+        assert val_interval(steps) == every and steps % every == 0 and steps // every >= min(steps, 5)

@@ -7,7 +7,10 @@
 - :class:`ProgressLines` (no bar: stdout piped to a file or ``tee``, or the bar disabled):
   one plain line every n steps, which a log file keeps readable::
 
-      step 120/1200 | loss 2.345 | val loss 2.301 | g_acc 0.71 | 7650 tok/s | ETA 5m12s
+      step 120/1200 | loss 2.345 | val loss 2.301 | g_acc_dense 0.31 (chance 0.12) | 7650 tok/s | ETA 5m12s
+
+  ``g_acc_dense`` is the accuracy the README, ``smk-report`` and its plot read: the router's
+  top expert against ΔSC's on rows where every expert is defined (chance 1/E).
 
 - :class:`ParamSummary`: one line instead of Lightning's model table, whose FLOPs column
   and ``Total FLOPs: 0`` are always 0 here (Lightning counts FLOPs only for modules with an
@@ -28,7 +31,7 @@ from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
 # progress-bar / progress-line names of the logged metrics
 _SHORT = {"train/loss": "loss", "train/smk_loss": "smk_loss", "val/loss": "val loss",
-          "train/g_acc": "g_acc", "throughput/tokens_per_s": "tok/s"}
+          "train/g_acc_dense": "g_acc_dense", "throughput/tokens_per_s": "tok/s"}
 
 
 def _value(trainer, key: str) -> float | None:
@@ -103,12 +106,14 @@ class ProgressLines(L.Callback):
         self._step0 = 0
         self._last = -1
         self._n = 0
+        self._chance = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
         # trainer.log_every_n_steps counts micro-batches under accumulation (see cli_trainer_options)
         accum = pl_module.optim_cfg.accumulate_grad_batches
         n = trainer.log_every_n_steps // accum if self.every_n_steps is None else self.every_n_steps
         self._n = n
+        self._chance = 1 / pl_module.model_cfg.num_experts  # of g_acc_dense
         self._active = bool(n) and trainer.progress_bar_callback is None and trainer.is_global_zero
         self._t0, self._step0, self._last = time.monotonic(), trainer.global_step, trainer.global_step
 
@@ -129,16 +134,18 @@ class ProgressLines(L.Callback):
                                         if (v := values[key]) is not None]
 
     def line(self, trainer) -> str:
-        """``step 120/1200 | loss 2.345 | val loss 2.301 | g_acc 0.71 | 7650 tok/s | ETA 5m12s``"""
+        """``step 120/1200 | loss 2.345 | val loss 2.301 | g_acc_dense 0.31 (chance 0.12) | 7650 tok/s | ETA 5m12s``"""
+        acc = f"g_acc_dense {{:.2f}} (chance {self._chance:.2f})"
         parts = self._fields(trainer, {"train/loss": "loss {:.3f}", "val/loss": "val loss {:.3f}",
-                                       "train/g_acc": "g_acc {:.2f}", "throughput/tokens_per_s": "{:.0f} tok/s"})
+                                       "train/g_acc_dense": acc, "throughput/tokens_per_s": "{:.0f} tok/s"})
         eta = self._eta(trainer)
         return " | ".join(parts + ([f"ETA {eta}"] if eta is not None else []))
 
     def val_line(self, trainer) -> str:
-        """``step 200/1200 | val loss 2.290 | val ppl 9.87 | val g_acc 0.76 | val kl_div 0.344``"""
+        """``step 200/1200 | val loss 2.290 | val ppl 9.87 | val g_acc_dense 0.33 (chance 0.12) | val kl_div 0.344``"""
+        acc = f"val g_acc_dense {{:.2f}} (chance {self._chance:.2f})"
         return " | ".join(self._fields(trainer, {"val/loss": "val loss {:.3f}", "val/ppl": "val ppl {:.2f}",
-                                                 "val/g_acc": "val g_acc {:.2f}", "val/kl_div": "val kl_div {:.3f}"}))
+                                                 "val/g_acc_dense": acc, "val/kl_div": "val kl_div {:.3f}"}))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

@@ -64,7 +64,8 @@ from smk_lightning.training.module import NonFiniteTrainingError, SMKModule
 TRAINER_DEFAULTS = {
     "logger": {
         "class_path": "smk_lightning.cli.logger.TensorBoardLogger",  # Lightning's; keeps the newest values for the console
-        "init_args": {"save_dir": "lightning_logs", "name": "smk", "default_hp_metric": False},
+        # name None: the run is named by what it is (``_name_run``) unless one is given
+        "init_args": {"save_dir": "lightning_logs", "name": None, "default_hp_metric": False},
     },
     "inference_mode": False,  # validation statistics need a backward pass
     "max_steps": 1200,
@@ -101,6 +102,7 @@ class SMKCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         cfg = _subconfig(self.config)
+        _name_run(cfg)
         _logs_under_root_dir(cfg)
         ckpt = cfg.get("ckpt_path") if cfg is not self.config else None
         if ckpt == "last":
@@ -110,7 +112,7 @@ class SMKCLI(LightningCLI):
             if not os.path.isfile(ckpt):
                 raise ConfigError(
                     f"ckpt_path {str(ckpt)!r} does not exist; pass an existing checkpoint file "
-                    "(e.g. lightning_logs/smk/version_0/checkpoints/last.ckpt) or --ckpt_path last"
+                    "(e.g. lightning_logs/default/version_0/checkpoints/last.ckpt) or --ckpt_path last"
                 )
             checkpoint = load_checkpoint(ckpt)  # refuses pickled code / unreadable files in one line
             if self.config.get("subcommand") == "fit":
@@ -196,6 +198,17 @@ class SMKCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint()
+        self._say_where("run directory")
+
+    def after_fit(self) -> None:
+        self._say_where("done; run directory")
+
+    def _say_where(self, what: str) -> None:
+        """Where the run is written (TensorBoard logs, config.yaml, checkpoints/), on rank zero."""
+        trainer = self.trainer
+        if trainer.is_global_zero and trainer.logger is not None and trainer.log_dir:
+            print(f"smk: {what} {trainer.log_dir} (TensorBoard: tensorboard --logdir "
+                  f"{trainer.logger.save_dir})", flush=True)
 
     def before_validate(self) -> None:
         if not self.config[self.subcommand].get("ckpt_path"):
@@ -207,6 +220,17 @@ class SMKCLI(LightningCLI):
 # What ``main`` reports when the run ends early: whether a checkpoint was saved. Kept here
 # because a SIGTERM ends ``make_cli`` with an exception, leaving no CLI object to ask.
 _RUN = {"checkpointing": True}
+
+
+def _name_run(cfg) -> None:
+    """A run is named by what it is, unless ``--trainer.logger.init_args.name`` says otherwise:
+    the file name of its last ``--config`` (``--config configs/experiments/smk_hard.yaml`` →
+    ``lightning_logs/smk_hard/version_N``), else its router loss (``lightning_logs/switch/…``)."""
+    init = logger_args(cfg.trainer)
+    if init is None or init.get("name") is not None:
+        return
+    files = [Path(str(c)) for c in cfg.get("config") or [] if os.path.isfile(str(c))]
+    init.name = files[-1].stem if files else str(cfg.model.router.loss)
 
 
 def _logs_under_root_dir(cfg) -> None:

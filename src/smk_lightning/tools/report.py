@@ -1,6 +1,6 @@
 """``smk-report``: compare finished runs from their TensorBoard event files.
 
-    smk-report lightning_logs/smk/version_3 lightning_logs/switch --out reports/ --names smk switch
+    smk-report lightning_logs/smk_switch/version_3 lightning_logs/default --out reports/ --names smk switch
     smk-report sweep/runs/switch sweep/runs/smk_switch --names switch smk_switch --out sweep/
 
 Each RUN_DIR is a Lightning version dir (``events.out.tfevents.*``, ``config.yaml``,
@@ -42,7 +42,8 @@ LEGEND = {
     "steps": "last training step logged (largest step of any `train/*` tag)",
     "val loss": "final `val/loss`",
     "val ppl": "final `val/ppl`",
-    "g_acc": "final `train/g_acc` (/ final `val/g_acc` when logged)",
+    "g_acc_dense": "final `train/g_acc_dense` (/ final `val/g_acc_dense` when logged): router argmax = ΔSC argmax "
+                   "on rows where every expert is defined; chance 1/E",
     "kl_div": "final `train/kl_div` (/ final `val/kl_div` when logged)",
     "load max share": "mean of `routing/load_max_share` over the last 20% of steps",
     "dead experts": "mean of `routing/dead_experts` over the last 20% of steps",
@@ -174,7 +175,7 @@ def table_row(name: str, run: dict) -> dict[str, str]:
         "steps": _fmt(max(train_steps) if train_steps else None),
         "val loss": _fmt(m["val loss"]),
         "val ppl": _fmt(m["val ppl"]),
-        "g_acc": _pair(_final(run, "train/g_acc"), _final(run, "val/g_acc")),
+        "g_acc_dense": _pair(_final(run, "train/g_acc_dense"), _final(run, "val/g_acc_dense")),
         "kl_div": _pair(_final(run, "train/kl_div"), _final(run, "val/kl_div")),
         "load max share": _fmt(m["load max share"]),
         "dead experts": _fmt(m["dead experts"], 3),
@@ -291,7 +292,7 @@ def write_report(named: list[tuple[str, Path]], out: Path, group: bool = False) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="smk-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path,
-                        help="Lightning version dir (e.g. lightning_logs/smk/version_3) or a parent of several")
+                        help="Lightning version dir (e.g. lightning_logs/default/version_3) or a parent of several")
     parser.add_argument("--out", type=Path, default=Path("."), help="output dir (default: .)")
     parser.add_argument("--names", nargs="+", metavar="NAME",
                         help="one display name per run found, or one per RUN_DIR for every run below it; "
@@ -305,11 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     found: list[tuple[int, Path]] = []  # (index of the RUN_DIR it came from, run dir)
     for i, d in enumerate(args.run_dirs):
         if not d.is_dir():
-            _fail(f"{d}: no such directory; pass a Lightning run dir such as lightning_logs/smk/version_0")
+            _fail(f"{d}: no such directory; pass a Lightning run dir such as lightning_logs/default/version_0")
         runs_here = find_runs(d)
         if not runs_here:
             _fail(f"{d}: no {EVENT_GLOB} file in it or below it; "
-                         "pass a Lightning run dir such as lightning_logs/smk/version_0")
+                         "pass a Lightning run dir such as lightning_logs/default/version_0")
         found += [(i, r) for r in runs_here if r not in {f for _, f in found}]
     if args.names and len(args.names) == len(found):
         names = args.names

@@ -54,6 +54,15 @@ def parse_sets(sets: list[str], names: list[str]) -> dict[str, list[str]]:
     return out
 
 
+MIN_VALIDATIONS = 5  # a curve needs points: --steps validates at least this often
+
+
+def val_interval(steps: int) -> int:
+    """The largest divisor of ``steps`` that validates at least ``MIN_VALIDATIONS`` times (a
+    divisor, so the last validation is at the last step)."""
+    return max((d for d in range(1, steps // MIN_VALIDATIONS + 1) if steps % d == 0), default=1)
+
+
 def fit_command(configs: list[Path], seed: int, runs: Path, name: str, extra: list[str]) -> list[str]:
     """The ``smk fit`` arguments of one run (without the interpreter and --ckpt_path)."""
     args = ["fit"]
@@ -202,8 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="sets", nargs="+", action="extend", default=[], metavar="[ARM:]KEY=VALUE",
                         help="pass --KEY VALUE to every run, or with ARM: to that arm's runs only")
     parser.add_argument("--steps", type=int,
-                        help="trainer.max_steps of every run (validation runs every trainer.val_check_interval "
-                             "steps: keep that a divisor of the steps, or the last validation is not at the end)")
+                        help="trainer.max_steps of every run; it also validates every largest divisor of the steps "
+                             f"that gives at least {MIN_VALIDATIONS} validations (a curve), unless --set "
+                             "trainer.val_check_interval=N says otherwise")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs side by side (default: 1); on the CPU each gets an equal share of the cores "
                              "as its threads (OMP_NUM_THREADS, unless you set it); on a GPU they share the GPU")
@@ -231,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
 
     runs_dir = (args.out / "runs").resolve()
     steps = ["--trainer.max_steps", str(args.steps)] if args.steps else []
+    if args.steps and not any(s.removeprefix("--").split("=")[0].endswith("val_check_interval")
+                              for s in args.sets):
+        steps += ["--trainer.val_check_interval", str(val_interval(args.steps))]
     runs: list[Run] = []
     for name, cfg in zip(names, args.configs):
         configs = [p.resolve() for p in [*args.base, cfg]]
