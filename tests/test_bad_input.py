@@ -347,3 +347,54 @@ def test_barebones_is_refused(here, capsys):
 def test_only_fit_and_validate_are_offered(here, capsys, subcommand):
     msg = fails(here, capsys, subcommand=subcommand)
     assert repr(subcommand) in msg and "'fit', 'validate'" in msg
+
+
+# -- 7. where the run is written ----------------------------------------------------------------
+def test_default_root_dir_under_a_file(here, capsys):
+    (here / "afile").write_text("x")
+    msg = fails(here, capsys, "--trainer.default_root_dir", str(here / "afile" / "runs"))
+    assert "--trainer.default_root_dir=" in msg and "is a file" in msg
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_default_root_dir_not_writable(here, capsys):
+    locked = here / "locked"
+    locked.mkdir(mode=0o500)
+    msg = fails(here, capsys, "--trainer.default_root_dir", str(locked / "runs"))
+    assert "not writable" in msg
+
+
+def test_a_file_that_is_not_a_checkpoint(here, capsys):
+    (here / "notes.ckpt").write_text("hello, this is text\n")
+    msg = fails(here, capsys, "--ckpt_path", str(here / "notes.ckpt"), subcommand="validate")
+    assert "is not a checkpoint" in msg and "pickled" not in msg
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_file(here, capsys, monkeypatch):
+    """The periodic last.ckpt at step 2 is written; at step 4 the disk is full: one line that
+    says the previous last.ckpt is intact, that file unchanged and loadable, no temporary left."""
+    import errno
+
+    from smk_lightning.callbacks import checkpoint as ckpt_mod
+
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", SMOKE, "--data.cache_dir", str(here / "cache"), "--trainer.max_steps", "4",
+              "--trainer.val_check_interval", "2", "--samples.every_n_steps", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("smk: error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert "No space left on device" in lines[0] and "the previous last.ckpt is intact" in lines[0]
+    ckpts = list(here.glob("lightning_logs/*/version_0/checkpoints/*"))
+    assert [p.name for p in ckpts] == ["last.ckpt"], ckpts  # no temporary, no exception-time file
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert torch.load(ckpts[0], weights_only=True)["global_step"] == 2

@@ -35,7 +35,14 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from smk_lightning.errors import ConfigError
+
 _TMP_SUFFIX = ".tmp"
+
+
+class CheckpointWriteError(ConfigError):
+    """A checkpoint could not be written (full disk, read-only directory); the message says
+    whether the previous file is intact."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -54,6 +61,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:  # a full disk, a read-only or vanished directory: one line, not a traceback
+            tmp.unlink(missing_ok=True)
+            kept = (f"the previous {path.name} is intact" if path.is_file() else f"no {path.name} was written")
+            raise CheckpointWriteError(f"could not write the checkpoint {path}: {e.strerror or e}; {kept} — free space "
+                              "or fix the directory, then resume with --ckpt_path last") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -87,6 +99,11 @@ class PeriodicCheckpoint(ModelCheckpoint):
         self._train_time_interval = train_time_interval
         self._every_n_train_steps = every_n_train_steps or 0
         self._saved_in_validation = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, CheckpointWriteError):
+            return  # the same disk would refuse the exception-time checkpoint too, and its error would hide this one
+        super().on_exception(trainer, pl_module, exception)
 
     @property
     def state_key(self) -> str:

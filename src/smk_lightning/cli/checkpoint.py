@@ -102,6 +102,16 @@ def load_checkpoint(path: str | Path) -> dict:
     """``torch.load(weights_only=True)``; a file that carries pickled code or is not a readable
     checkpoint raises ConfigError naming the file and why (Lightning would show a traceback)."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be read: {e.strerror}") from None
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        raise ConfigError(f"{str(path)!r} is not a checkpoint (not a file written by torch.save); pass a .ckpt "
+                          "file that smk wrote (e.g. lightning_logs/default/version_0/checkpoints/last.ckpt) "
+                          "or --ckpt_path last")
+    try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:

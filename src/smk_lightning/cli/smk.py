@@ -238,9 +238,23 @@ def _logs_under_root_dir(cfg) -> None:
     would (``D/lightning_logs/…``): the configured logger's ``save_dir``, while it is still
     the default, becomes ``D/lightning_logs`` (checkpoints live in the run directory)."""
     root, init = cfg.trainer.get("default_root_dir"), logger_args(cfg.trainer)
+    if root is not None:
+        _check_creatable(root, "--trainer.default_root_dir")
     default = TRAINER_DEFAULTS["logger"]["init_args"]["save_dir"]
     if root is not None and init is not None and init.get("save_dir") == default:
         init.save_dir = str(Path(root) / default)
+
+
+def _check_creatable(path, option: str) -> None:
+    """A directory the run will write must exist or be creatable: its nearest existing
+    ancestor must be a writable directory (checked without creating anything)."""
+    p = Path(path).absolute()
+    ancestor = next(a for a in (p, *p.parents) if a.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{option}={str(path)!r} cannot be created: {ancestor} is a file; pass a directory path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option}={str(path)!r} cannot be created: {ancestor} is not writable; "
+                          "pass a directory you can write to")
 
 
 def _subconfig(config):
