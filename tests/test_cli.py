@@ -19,8 +19,9 @@ TAGS = {
                 "throughput/tokens_per_s", "stats/layer0/M_A_mean", "stats/layer0/M_G_mean"],
     "histograms": ["routing/layer0/load"],
     "images": ["routing/layer0/expert_domain", "stats/layer0/M_G_expert_domain"],
-    "tensors": ["samples/text_summary"],
+    "tensors": ["samples/text_summary", "custom_scalars__config__"],  # the latter: the CUSTOM SCALARS layout
 }
+OFF = ["train/z_loss"]  # router.z_loss_weight is 0 in the smoke config: not logged
 
 
 def event_tags(run_dir: Path) -> dict:
@@ -51,6 +52,22 @@ def test_fit_writes_checkpoint_and_tags(smoke_run):
     for kind, names in TAGS.items():
         missing = set(names) - set(tags[kind])
         assert not missing, f"missing {kind}: {missing}"
+    assert not set(OFF) & set(tags["scalars"])
+
+
+def test_custom_scalars_layout_names_logged_tags(smoke_run):
+    """Every chart of the layout names tags the smoke run logged (a renamed tag would leave an
+    empty chart), or a term that is off there."""
+    import re
+
+    from smk_lightning.cli.logger import LAYOUT
+
+    known = set(event_tags(smoke_run / "lightning_logs" / "smoke" / "version_0")["scalars"]) | set(OFF)
+    for section in LAYOUT.values():
+        for kind, patterns in section.values():
+            assert kind == "Multiline"
+            for pat in patterns:
+                assert any(re.fullmatch(pat.strip("^$"), tag) for tag in known), pat
 
 
 def test_validate_from_checkpoint(smoke_run, monkeypatch):

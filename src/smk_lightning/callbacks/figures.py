@@ -10,15 +10,19 @@ import numpy as np  # noqa: E402
 
 
 def heatmap(values_XY: np.ndarray, row_names: list[str], col_names: list[str], title: str):
-    """Expert (rows) × domain (columns) heatmap with values written in the cells."""
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(col_names), 0.8 + 0.45 * len(row_names)))
+    """Expert (rows) × domain (columns) heatmap with values written in the cells, sized so the
+    numbers read at TensorBoard's default image size: large cells, 10 pt text, dark text on
+    the bright end of the colour map and white on the dark end."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(col_names), 1.2 + 0.6 * len(row_names)), dpi=110)
     im = ax.imshow(values_XY, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(col_names)), col_names, rotation=30, ha="right")
-    ax.set_yticks(range(len(row_names)), row_names)
+    ax.set_xticks(range(len(col_names)), col_names, rotation=30, ha="right", fontsize=10)
+    ax.set_yticks(range(len(row_names)), row_names, fontsize=10)
+    lo, hi = im.get_clim()
     for (i, j), v in np.ndenumerate(values_XY):
         if np.isfinite(v):
-            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_title(title, fontsize=9)
+            bright = hi > lo and (v - lo) / (hi - lo) > 0.6
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=10, color="black" if bright else "white")
+    ax.set_title(title, fontsize=11)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig

@@ -198,7 +198,9 @@ class SMKModule(L.LightningModule):
         average_grads(self.router_params())
         last = acc.last
         acc.add(torch.isfinite(total.detach()), self._expert_load(),
-                {"train/loss": loss, "train/aux_loss": aux, "train/z_loss": z}
+                {"train/loss": loss}  # a term whose weight is 0 is not logged (a flat zero)
+                | ({"train/aux_loss": aux} if self.aux_weight > 0 else {})
+                | ({"train/z_loss": z} if self.router_cfg.z_loss_weight > 0 else {})
                 | ({"train/smk_loss": smk * world_size()} if smk is not None else {})
                 | ({DROPPED_KEY: dropped.float()} if dropped is not None else {}))
         acc.advance()
