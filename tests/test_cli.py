@@ -119,3 +119,17 @@ def test_fit_prints_the_run_directory_at_start_and_end(smoke_run, capsys):
     out = capsys.readouterr().out
     where = str(Path("lightning_logs") / "printed" / "version_0")
     assert f"smk: run directory {where}" in out and f"smk: done; run directory {where}" in out
+
+
+def test_help_shows_the_project_options_first_and_only_accepted_precisions(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    first_own = next(i for i, ln in enumerate(lines) if "--model.model.d_model" in ln)
+    trainer = next(i for i, ln in enumerate(lines) if ln.startswith("Lightning's Trainer"))
+    assert first_own < 40 < trainer, (first_own, trainer)  # not after Lightning's hundreds of lines
+    assert len(lines[0]) < 200  # a usage line, not every option
+    precision = out[out.index("--trainer.precision PRECISION"):].split("\n  --")[0]
+    assert "bf16-mixed" in precision and "transformer-engine" not in precision and "16-true" not in precision

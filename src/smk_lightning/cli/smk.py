@@ -22,7 +22,7 @@ from argparse import ArgumentError
 from functools import partial
 from pathlib import Path
 
-from jsonargparse import set_parsing_settings
+from jsonargparse import DefaultHelpFormatter, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -50,6 +50,7 @@ from smk_lightning.cli.checkpoint import (
     version_dir,
 )
 from smk_lightning.cli.trainer_options import (
+    RESTRICTED_HELP,
     check_accelerator,
     check_barebones,
     check_compile,
@@ -76,6 +77,14 @@ TRAINER_DEFAULTS = {
 }
 
 
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's, except that the trainer options whose values smk restricts say which
+    values it takes (``RESTRICTED_HELP``) instead of listing Lightning's."""
+
+    def _get_help_string(self, action) -> str:
+        return RESTRICTED_HELP.get(action.dest) or super()._get_help_string(action)
+
+
 class SMKCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -93,10 +102,17 @@ class SMKCLI(LightningCLI):
         parser.add_lightning_class_args(TextSampler, "samples")
         parser.add_lightning_class_args(GracefulInterrupt, "interrupt")
         parser.add_lightning_class_args(ProgressLines, "console")
+        # --help: the project's options first, Lightning's Trainer (hundreds of lines) last, and
+        # a usage line that does not repeat every option
+        trainer = parser.groups["trainer"]
+        trainer.title = "Lightning's Trainer (--trainer.*; smk's own options are above)"
+        parser._action_groups = [g for g in parser._action_groups if g is not trainer] + [trainer]
+        parser.usage = "%(prog)s [-h] [--config CONFIG] [--print_config[=flags]] [--ckpt_path CKPT_PATH] [--KEY VALUE ...]"
 
     # -- bad input fails before anything runs (main prints ConfigError / ArgumentError as one line)
     def init_parser(self, **kwargs):
         kwargs.setdefault("exit_on_error", False)  # raise parse errors instead of printing the whole usage
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser, args) -> None:

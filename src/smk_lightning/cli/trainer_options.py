@@ -20,6 +20,15 @@ _DDP_CLASSES = ("DDPStrategy", "SingleDeviceStrategy")
 _PRECISIONS = {"32": "32-true", "32-true": "32-true", "64": "64-true", "64-true": "64-true",
                "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "16": "16-mixed", "16-mixed": "16-mixed"}
 
+# ``smk fit --help`` text of the trainer options whose values smk restricts (instead of
+# Lightning's, which lists values smk refuses)
+RESTRICTED_HELP = {
+    "trainer.precision": "32-true (default), bf16-mixed, 64-true, or 16-mixed on a CUDA GPU (aliases: "
+                         + ", ".join(k for k, v in _PRECISIONS.items() if k != v) + "); other values are refused",
+    "trainer.strategy": "auto (default), or ddp / ddp_spawn (and their variants) for several devices; sharded "
+                        "strategies (FSDP, DeepSpeed, ...) are refused: the statistics need each expert's whole weights",
+}
+
 
 def map_optim_options(cfg) -> None:
     """``trainer.gradient_clip_val`` → ``model.optim.grad_clip`` and ``trainer.accumulate_grad_batches``
