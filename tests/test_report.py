@@ -159,3 +159,17 @@ def test_figure_plots_the_training_loss_when_validation_ran_once(tmp_path):
     plotted = figure([("a", [load_run(run)])], tmp_path / "report.png")
     assert plotted == ["train/loss", "val/loss", "train/g_acc_dense"]
     assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_settings_column_shows_what_differs_between_arms(tmp_path):
+    """Two smk arms that differ only in delta_sc read "smk (probe/ghost)" in the router column;
+    the settings column tells them apart (and leaves out what they share, and the seed)."""
+    for arm, delta, seed in (("a", "zscore", 0), ("a", "zscore", 1), ("b", "log1p", 0)):
+        run = tmp_path / arm / f"seed{seed}"
+        _write_run(run, smk=True, final_val_loss=2.0)
+        (run / "config.yaml").write_text(f"model:\n  router:\n    loss: smk\n    delta_sc: {delta}\n    tau: 1.0\n"
+                                         f"  stats:\n    scope: probe\n    engine: ghost\n    seed: {seed}\n")
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--names", "a", "a", "b", "--out", str(tmp_path / "out")])
+    rows = _rows((tmp_path / "out" / "report.md").read_text())
+    assert rows["a"]["router loss"] == rows["b"]["router loss"] == "smk (probe/ghost)"
+    assert rows["a"]["settings"] == "router.delta_sc=zscore" and rows["b"]["settings"] == "router.delta_sc=log1p"

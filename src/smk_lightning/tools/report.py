@@ -39,6 +39,8 @@ PLOT_TAGS = {"train/loss": "train/loss", "val/loss": "val/loss",
 LEGEND = {
     "run": "run name (--names, else the run dir's parent/name, with more of its path where two runs would share it)",
     "router loss": "`model.router.loss` (stats `model.stats.scope` / `model.stats.engine`) from config.yaml",
+    "settings": "the `model.router/stats/optim/model.*` values that are not the same in every run of this report "
+                "(what tells the arms apart; seeds aside)",
     "steps": "last training step logged (largest step of any `train/*` tag)",
     "val loss": "final `val/loss`",
     "val ppl": "final `val/ppl`",
@@ -58,6 +60,7 @@ GROUP_LEGEND = {
     "arm": "name shared by the runs (seeds) of one arm",
     "n": "number of runs in the arm",
     "router loss": LEGEND["router loss"],
+    "settings": LEGEND["settings"],
     "steps": LEGEND["steps"],
     "val loss": "final `val/loss`",
     "per run": "each run's final `val/loss`, in the order of the runs (seed 0, 1, …)",
@@ -81,6 +84,11 @@ def find_runs(path: Path) -> list[Path]:
     if any(path.glob(EVENT_GLOB)):
         return [path]
     return sorted({p.parent for p in path.rglob(EVENT_GLOB) if p.is_file()})
+
+
+# config sections (under model.) whose values tell arms apart, and the keys that never do
+SETTING_PARTS = ("router", "stats", "optim", "model")
+SETTING_SKIP = {"stats.seed", "model.vocab_size"}
 
 
 def load_run(run_dir: Path) -> dict:
@@ -108,8 +116,24 @@ def load_run(run_dir: Path) -> dict:
         model = cfg.get("model") or {}
         router, stats = model.get("router") or {}, model.get("stats") or {}
         config = {"router_loss": router.get("loss"), "stats_scope": stats.get("scope"),
-                  "stats_engine": stats.get("engine")}
+                  "stats_engine": stats.get("engine"),
+                  "settings": {f"{part}.{k}": v for part in SETTING_PARTS
+                               for k, v in (model.get(part) or {}).items() if f"{part}.{k}" not in SETTING_SKIP}}
     return {"scalars": scalars, "config": config}
+
+
+def mark_differences(runs: list[dict]) -> None:
+    """Put into each run's config, as ``differs``, the settings (``SETTING_PARTS`` of
+    ``model.*``) whose values are not the same in every run: what tells the arms apart."""
+    settings = [r["config"].get("settings", {}) for r in runs]
+    keys = sorted({k for s in settings for k in s})
+    varying = [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+    for run, s in zip(runs, settings):
+        run["config"]["differs"] = " ".join(f"{k}={_short(s.get(k))}" for k in varying) or "—"
+
+
+def _short(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def _final(run: dict, tag: str) -> float | None:
@@ -172,6 +196,7 @@ def table_row(name: str, run: dict) -> dict[str, str]:
     return {
         "run": name,
         "router loss": router,
+        "settings": cfg.get("differs", MISSING),
         "steps": _fmt(max(train_steps) if train_steps else None),
         "val loss": _fmt(m["val loss"]),
         "val ppl": _fmt(m["val ppl"]),
@@ -204,9 +229,9 @@ def group_row(name: str, runs: list[dict]) -> dict[str, str]:
     per_run = [table_row(name, r) for r in runs]
     metrics = [_metrics(r) for r in runs]
     row = {"arm": name, "n": str(len(runs))}
-    for col in ("router loss", "steps"):  # identical across seeds unless the arm is mixed up
+    for col in ("router loss", "settings", "steps"):  # identical across seeds unless the arm is mixed up
         row[col] = ", ".join(dict.fromkeys(r[col] for r in per_run))
-    for col in list(GROUP_LEGEND)[4:]:
+    for col in list(GROUP_LEGEND)[5:]:
         if col == "per run":
             row[col] = " ".join(_fmt(m["val loss"]) for m in metrics)
             continue
@@ -278,6 +303,7 @@ def write_report(named: list[tuple[str, Path]], out: Path, group: bool = False) 
     sharing a name (or all, with ``group``) become one mean ± std row. Returns the markdown."""
     names = list(dict.fromkeys(n for n, _ in named))
     by_name = {n: [load_run(r) for m, r in named if m == n] for n in names}
+    mark_differences([r for rs in by_name.values() for r in rs])
     groups = list(by_name.items())
     if group or any(len(rs) > 1 for _, rs in groups):
         md = markdown([group_row(n, rs) for n, rs in groups], GROUP_LEGEND)
