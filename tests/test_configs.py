@@ -54,3 +54,24 @@ def test_experiment_arm_applies_its_router_settings(path, tmp_path, monkeypatch,
     # router); an arm whose router loss needs them must take them back to every step
     if cli.model.router_cfg.loss == "smk":
         assert cli.model.stats_cfg.every_n_steps == 1
+
+
+def test_one_default_with_or_without_the_main_config(tmp_path, monkeypatch, cache):
+    """`smk fit` without --config trains what configs/default.yaml trains (the Switch router,
+    weight 0.01, the same steps and validation); the main job only computes its statistics
+    (instruments) less often."""
+    monkeypatch.chdir(tmp_path)
+    bare, main_job = instantiate([], cache), instantiate([ROOT / "default.yaml"], cache)
+    for cli in (bare, main_job):
+        assert (cli.model.router_cfg.loss, cli.model.router_cfg.weight) == ("switch", 0.01)
+    assert bare.model.router_cfg == main_job.model.router_cfg and bare.model.model_cfg == main_job.model.model_cfg
+    assert (bare.trainer.max_steps, bare.trainer.val_check_interval) == (main_job.trainer.max_steps,
+                                                                          main_job.trainer.val_check_interval)
+    assert (bare.model.stats_cfg.every_n_steps, main_job.model.stats_cfg.every_n_steps) == (1, 10)
+
+
+def test_router_weight_follows_the_loss_unless_set():
+    from smk_lightning.training.config import RouterConfig
+
+    assert RouterConfig().weight == 0.01 and RouterConfig(loss="smk").weight == 1.0
+    assert RouterConfig(loss="smk", weight=0.5).weight == 0.5

@@ -124,7 +124,8 @@ def test_router_and_expert_gradients_come_from_the_right_losses(decoupled, balan
 def test_routed_top1_warns():
     with pytest.warns(UserWarning, match="g_acc"):
         torch.manual_seed(0)
-        module = SMKModule(model=tiny_model(top_k=1), stats=StatsConfig(scope="routed", val_batches=0))
+        module = SMKModule(model=tiny_model(top_k=1), stats=StatsConfig(scope="routed", val_batches=0),
+                           router=RouterConfig(loss="smk"))
         trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
         trainer.fit(module, datamodule=RandomDataModule())

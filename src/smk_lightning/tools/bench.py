@@ -183,7 +183,7 @@ def build_module(name: str, model_cfg: ModelConfig, optim: OptimConfig, vmap_chu
     if v.engine is None:
         router = RouterConfig(loss="none")
     elif v.router == "switch":
-        router = RouterConfig(loss="switch", weight=0.01)
+        router = RouterConfig(loss="switch")
     else:
         router = RouterConfig(loss="smk", balance_weight=0.0)
     torch.manual_seed(0)

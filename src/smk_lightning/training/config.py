@@ -82,12 +82,13 @@ class StatsConfig:
 
 @dataclass
 class RouterConfig:
-    """How the router is trained."""
+    """How the router is trained. The default is the Switch aux loss (weight 0.01), the router
+    the README's comparison chose; the smk arms are in configs/experiments/."""
 
-    loss: Literal["smk", "switch", "auxfree", "none", "frozen"] = "smk"
+    loss: Literal["smk", "switch", "auxfree", "none", "frozen"] = "switch"
     """smk: smk_loss on ΔSC targets; switch: Switch load-balancing loss; auxfree: aux-loss-free bias balancing (no router loss); none: main loss only; frozen: the random initial router is never trained (the zero-learning control)."""
-    weight: float = 1.0
-    """Weight of the router loss chosen in `loss` (smk_loss or the Switch aux loss; Switch usually 0.01)."""
+    weight: float | None = None
+    """Weight of the router loss chosen in `loss` (smk_loss or the Switch aux loss); null: 1.0 for smk, 0.01 for switch."""
     balance: Literal["switch", "auxfree", "none"] = "switch"
     """Balance mechanism used together with loss=smk: a Switch aux loss of weight balance_weight, aux-loss-free bias balancing, or none."""
     balance_weight: float = 1.0
@@ -108,6 +109,8 @@ class RouterConfig:
     """True: only smk_loss trains the router (main loss sees a detached router); False: both do."""
 
     def __post_init__(self) -> None:
+        if self.weight is None:  # the Switch loss is summed over experts: its usual scale is 100× smaller
+            self.weight = 1.0 if self.loss == "smk" else 0.01
         if self.tau <= 0:
             raise ConfigError(f"router.tau={self.tau} must be > 0")
         if self.sinkhorn_iters < 1:
