@@ -173,3 +173,28 @@ def test_settings_column_shows_what_differs_between_arms(tmp_path):
     rows = _rows((tmp_path / "out" / "report.md").read_text())
     assert rows["a"]["router loss"] == rows["b"]["router loss"] == "smk (probe/ghost)"
     assert rows["a"]["settings"] == "router.delta_sc=zscore" and rows["b"]["settings"] == "router.delta_sc=log1p"
+
+
+def test_budget_curve_from_sweeps_at_several_step_counts(tmp_path):
+    """--budget: each arm's final val/loss against its tokens (last step × batch × seq_len),
+    a column per budget with mean ± std over the seeds there."""
+    cfg = "model:\n  router:\n    loss: {loss}\ndata:\n  batch_size: 4\n  seq_len: 8\n"
+    for steps in (10, 20):
+        for arm, loss, seeds in (("switch", "switch", 2), ("frozen", "frozen", 1)):
+            for seed in range(seeds):
+                run = tmp_path / f"budget{steps}" / "runs" / arm / f"seed{seed}"
+                run.mkdir(parents=True)
+                w = SummaryWriter(log_dir=str(run))
+                for step in (0, steps):
+                    w.add_scalar("train/loss", 5.0, step)
+                w.add_scalar("val/loss", 3.0 - steps / 20 + seed * 0.1 + (loss == "frozen"), steps)
+                w.close()
+                (run / "config.yaml").write_text(cfg.format(loss=loss))
+    out = tmp_path / "out"
+    main([str(tmp_path / "budget10"), str(tmp_path / "budget20"), "--budget", "--out", str(out)])
+    md = (out / "budget.md").read_text()
+    header, *rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert header == "| arm | 320 tokens | 640 tokens |"  # 10 and 20 steps of 4 × 8 tokens
+    cells = {r.split(" | ")[0].strip("| "): r.strip("| ").split(" | ")[1:] for r in rows}
+    assert cells["switch"] == ["2.55 ± 0.071", "2.05 ± 0.071"] and cells["frozen"] == ["3.5", "3"]
+    assert (out / "budget.png").stat().st_size > 0

@@ -18,6 +18,7 @@ gets its own row.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 from functools import partial
@@ -115,7 +116,10 @@ def load_run(run_dir: Path) -> dict:
         cfg = yaml.safe_load(cfg_path.read_text()) or {}
         model = cfg.get("model") or {}
         router, stats = model.get("router") or {}, model.get("stats") or {}
-        config = {"router_loss": router.get("loss"), "stats_scope": stats.get("scope"),
+        data, optim = cfg.get("data") or {}, model.get("optim") or {}
+        per_step = [data.get("batch_size"), data.get("seq_len"), optim.get("accumulate_grad_batches") or 1]
+        config = {"tokens_per_step": math.prod(per_step) if all(isinstance(x, int) for x in per_step) else None,
+                  "router_loss": router.get("loss"), "stats_scope": stats.get("scope"),
                   "stats_engine": stats.get("engine"),
                   "settings": {f"{part}.{k}": v for part in SETTING_PARTS
                                for k, v in (model.get(part) or {}).items() if f"{part}.{k}" not in SETTING_SKIP}}
@@ -315,6 +319,56 @@ def write_report(named: list[tuple[str, Path]], out: Path, group: bool = False) 
     return md
 
 
+def _count(n: int) -> str:
+    """``1.23 M``, ``640 k``, ``320``."""
+    return f"{n / 1e6:.3g} M" if n >= 1e6 else f"{n / 1e3:.3g} k" if n >= 1e3 else str(n)
+
+
+def write_budget(named: list[tuple[str, Path]], out: Path) -> str:
+    """``out/budget.md`` and ``out/budget.png``: each arm's final ``val/loss`` against the
+    tokens its runs trained on (last training step × tokens per optimizer step; one process),
+    for runs of the same arms at several budgets. Returns the markdown."""
+    points: dict[str, dict[int, list[float]]] = {}
+    for name, run_dir in named:
+        run = load_run(run_dir)
+        loss, per_step = _final(run, "val/loss"), run["config"].get("tokens_per_step")
+        steps = [s[0][-1] for tag, s in run["scalars"].items() if tag.startswith("train/") and s[0]]
+        if loss is None or per_step is None or not steps:
+            _fail(f"{run_dir}: no final val/loss, training step or data.batch_size/seq_len in config.yaml; "
+                  "pass runs written by smk fit")
+        points.setdefault(name, {}).setdefault(max(steps) * per_step, []).append(loss)
+    budgets = sorted({b for by_budget in points.values() for b in by_budget})
+    lines = ["| arm | " + " | ".join(f"{_count(b)} tokens" for b in budgets) + " |",
+             "|---|" + "---|" * len(budgets)]
+    for name, by_budget in points.items():
+        lines.append(f"| {name} | " + " | ".join(_mean_std(by_budget.get(b, []), len(by_budget.get(b, [])) or 1)
+                                                 for b in budgets) + " |")
+    md = "\n".join(lines + ["", "Final `val/loss` (mean ± sample std over the runs at that budget; "
+                                 f"{MISSING}: no run)."]) + "\n"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_budget in points.items():
+        xs = sorted(by_budget)
+        ax.errorbar([x / 1e6 for x in xs], [statistics.fmean(by_budget[x]) for x in xs],
+                    yerr=[statistics.stdev(by_budget[x]) if len(by_budget[x]) > 1 else 0 for x in xs],
+                    marker="o", capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("final val/loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "budget.png", dpi=120)
+    plt.close(fig)
+    (out / "budget.md").write_text(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="smk-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", type=Path,
@@ -324,6 +378,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="one display name per run found, or one per RUN_DIR for every run below it; "
                              "runs sharing a name are one mean ± std row (default: parent/name of each run dir, "
                              "with more of its path where two runs would share it)")
+    parser.add_argument("--budget", action="store_true",
+                        help="the RUN_DIRs hold the same arms trained for different numbers of steps (e.g. one "
+                             "smk-sweep --out per --steps): write budget.md / budget.png, each arm's final val/loss "
+                             "against its training tokens; runs are named by their parent dir (the arm) unless "
+                             "--names says otherwise")
     parser.add_argument("--group", action="store_true",
                         help="one mean ± std row per name even for single runs; without --names, runs are "
                              "grouped by their parent dir (e.g. sweep/runs/<arm>/seed<k> by arm)")
@@ -345,11 +404,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.names:
         _fail(f"--names got {len(args.names)} names for {len(found)} runs in {len(args.run_dirs)} RUN_DIRs "
               f"({', '.join(str(r) for _, r in found)}); pass one name per run or one per RUN_DIR")
-    elif args.group:
+    elif args.group or args.budget:
         names = [r.parent.name for _, r in found]
     else:
         names = distinct_names([r for _, r in found])
 
+    if args.budget:
+        write_budget(list(zip(names, (r for _, r in found))), args.out)
+        print(f"wrote {args.out / 'budget.md'} and {args.out / 'budget.png'} ({len(found)} runs, {len(set(names))} arms)")
+        return
     write_report(list(zip(names, (r for _, r in found))), args.out, args.group)
     print(f"wrote {args.out / 'report.md'} and {args.out / 'report.png'} "
           f"({len(found)} runs, {len(set(names))} rows)")
