@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from smk_lightning import cli
 from smk_lightning.cli import main
+from smk_lightning.cli import smk as cli
 
 SMOKE = str(Path(__file__).parents[1] / "configs" / "smoke.yaml")
 SHORT = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--samples.every_n_steps", "0"]
