@@ -27,6 +27,7 @@ from .formats import (
 )
 from .loader import EpochStatefulDataLoader
 from .metrics import unigram_entropy
+from .pieces import PIECE_CHARS, open_text, read_pieces
 from .stream import PackedTokenStream, Source
 from .summary import COUNT_MAX_CHARS, count_lines, count_user_data, fmt_count, held_out_prompts
 from .tokenizer import EOT_ID, get_or_train_tokenizer, load_tokenizer
@@ -38,10 +39,12 @@ CHARS_PER_TOKEN = 4.0
 TOKENIZER_TRAIN_CHARS = 2_000_000
 
 
-def _count_text_lines(f: str) -> tuple[int, int]:
-    """(lines that are not valid UTF-8 text, non-empty text lines) of a text file (decompressed
-    as its extension says); a file that looks binary is refused."""
-    bad = good = 0
+def _count_text_lines(f: str) -> tuple[int, int, int]:
+    """(records that are not valid UTF-8 text, non-empty text records, characters in the last of
+    those) of a text file (decompressed as its extension says), read as the stream reads it: a
+    record is a line, or a ``PIECE_CHARS`` piece of a longer line, so memory stays bounded. A
+    file that looks binary is refused."""
+    bad = good = last = 0
     with open_bytes(f) as fh:
         if b"\0" in fh.read(8192):  # git's heuristic: NUL bytes near the start mean binary
             raise _one_line(
@@ -49,18 +52,14 @@ def _count_text_lines(f: str) -> tuple[int, int]:
                 "pass UTF-8 text files (compressed ones if they end in .gz, .bz2 or .xz), "
                 "or set data_format to json/parquet for such files."
             )
-        fh.seek(0)
-        for raw in fh:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
+    with open_text(f) as fh:
+        for record in read_pieces(fh):
+            if "\ufffd" in record or "\0" in record:  # skipped by the stream (bytes that are not UTF-8)
                 bad += 1
-                continue
-            if "\0" in line:  # skipped by the stream, like undecodable lines
-                bad += 1
-            elif line.strip():
+            elif record.strip():
                 good += 1
-    return bad, good
+                last = len(record)
+    return bad, good, last
 
 
 def _one_line(msg: str) -> ConfigError:
@@ -72,10 +71,13 @@ class SMKDataModule(L.LightningDataModule):
 
     By default an embedded synthetic corpus with five domains (prose, arithmetic,
     code, records, copy) is generated once into ``cache_dir``; local files or a
-    Hugging Face hub dataset can be used instead. Every source is streamed with
-    ``datasets.load_dataset(..., streaming=True)``, sharded over ranks and
-    dataloader workers, tokenized with a byte-level BPE (trained on the head of
-    the training stream and cached), separated by ``<|endoftext|>`` (id 0) and
+    Hugging Face hub dataset can be used instead. Every source is streamed as a
+    ``datasets`` iterable dataset (``load_dataset(..., streaming=True)``; plain text
+    through our own reader, which reads a line longer than ``PIECE_CHARS`` = 16,384
+    characters as several documents, so memory follows the piece, not the line),
+    sharded over ranks and dataloader workers, tokenized with a byte-level BPE
+    (trained on the head of the training stream and cached; long documents of any
+    format are tokenized in pieces), separated by ``<|endoftext|>`` (id 0) and
     packed into windows. A batch is a dict of ``[batch_size, seq_len]`` int64
     tensors: ``input_ids``, ``targets`` (``input_ids`` shifted by one) and
     ``domain`` (index into ``domain_names`` of each target token's document; only for
@@ -95,7 +97,9 @@ class SMKDataModule(L.LightningDataModule):
             shuffle order.
         data_files: Path or glob (comma-separated for several) of local files to
             train on instead of the embedded corpus. None uses the embedded corpus.
-        data_format: Format of ``data_files``: "text" (one document per line;
+        data_format: Format of ``data_files``: "text" (one document per line; a
+            line longer than 16,384 characters, such as a book without newlines, is
+            read as documents of at most that many characters, cut at whitespace;
             lines that are not valid UTF-8 are skipped and counted), "json"
             (JSON lines) or "parquet". None infers it from the file extension
             (.jsonl/.json/.ndjson: json, .parquet/.pq: parquet, anything else: text).
@@ -107,7 +111,8 @@ class SMKDataModule(L.LightningDataModule):
             over ``data_files``.
         val_fraction_docs: For user data, about one document in this many goes to
             validation (chosen by a hash of its text, so the split does not depend on
-            ranks or workers); the rest is training data.
+            ranks or workers); the rest is training data. The pieces of a long text
+            line are documents here too, so a single-line file is split as well.
         tokenizer_path: Existing tokenizer.json to use instead of training one; its
             vocabulary must not exceed ``vocab_size``.
         cache_dir: Directory for the generated corpus and cached tokenizers.
@@ -181,6 +186,8 @@ class SMKDataModule(L.LightningDataModule):
         self._val_ds: PackedTokenStream | None = None
         self._val_entropy: float | None = None
         self.bad_lines = 0
+        self._docs: int | None = None  # usable documents (records) of text files, once scanned
+        self._doc_chars = 0  # characters of the last of them (the only one, when there is one)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -268,11 +275,14 @@ class SMKDataModule(L.LightningDataModule):
         bad = good = 0
         for f in self.data_files:
             try:
-                bad_f, good_f = _count_text_lines(f)
+                bad_f, good_f, last_f = _count_text_lines(f)
             except DECOMPRESS_ERRORS as e:  # a compressed file that does not decompress
                 raise read_error(f, e) from None
             bad, good = bad + bad_f, good + good_f
+            if good_f:
+                self._doc_chars = last_f
         self.bad_lines = bad
+        self._docs = good
         if good == 0:
             raise _one_line(
                 f"data_files {self.hparams.data_files!r} contain no usable text lines "
@@ -381,14 +391,24 @@ class SMKDataModule(L.LightningDataModule):
         for split in ("train", "val"):
             probe = next(iter(self._make_stream(split)), None)
             if probe is None:
+                short = f"the {split} split has fewer than seq_len+1={self.seq_len + 1} tokens"
+                if self._docs == 1:  # documents are held out whole: one cannot be split
+                    raise _one_line(
+                        f"{short}: data_files hold a single document (one line of {self._doc_chars:,} "
+                        "characters, without newlines), and a document goes whole to the train or the "
+                        "validation split; pass more text, or break it into lines (each line is a "
+                        f"document, one in {self.val_fraction_docs} held out for validation; a line longer "
+                        f"than {PIECE_CHARS:,} characters is read as several)."
+                    )
                 hint = (
                     "use more data or a smaller seq_len"
                     if split == "train"
                     else "use more data, a smaller seq_len or a smaller val_fraction_docs"
                 )
-                raise _one_line(
-                    f"the {split} split has fewer than seq_len+1={self.seq_len + 1} tokens; {hint}."
-                )
+                if self._docs is not None:
+                    hint = (f"data_files hold {self._docs:,} documents (lines, and {PIECE_CHARS:,}-character "
+                            f"pieces of longer lines), one in {self.val_fraction_docs} held out; {hint}")
+                raise _one_line(f"{short}; {hint}.")
 
     def setup(self, stage: str | None = None) -> None:
         self._prepare()

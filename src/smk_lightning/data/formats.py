@@ -18,7 +18,8 @@ from typing import IO
 
 from smk_lightning.errors import ConfigError, one_line
 
-#: File extension → ``datasets`` builder; any other extension is read as text (one document a line).
+#: File extension → ``datasets`` builder; any other extension is read as text (one document a line,
+#: a line longer than ``pieces.PIECE_CHARS`` in pieces).
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".pq": "parquet"}
 #: Compressions ``datasets`` undoes by extension when it streams a file (``x.jsonl.gz`` is JSON
 #: lines), with the standard-library reader the checks here use on the same bytes.

@@ -2,12 +2,14 @@
 
 Pipeline, per rank and per dataloader worker::
 
-    datasets.load_dataset(fmt, data_files, streaming=True)     # documents
+    datasets.load_dataset(fmt, data_files, streaming=True)     # documents (json, parquet, hub)
+    datasets.IterableDataset.from_generator(text_file_records) # text: lines, long ones in pieces
       -> split_dataset_by_node(rank, world_size)                # rank shards
       -> .shuffle(seed, buffer_size=1) + set_epoch(epoch)       # shard order per epoch (train)
       -> (worker split by datasets' own torch-worker sharding)
       -> our seeded document shuffle buffer (train)             # checkpointed, unlike datasets'
-      -> tokenize, append <|endoftext|>, pack seq_len+1 windows (stride seq_len)
+      -> tokenize (long documents PIECE_CHARS characters at a time), append <|endoftext|>,
+         pack seq_len+1 windows (stride seq_len)
 
 ``datasets``' own shuffle buffer is not saved in its ``state_dict`` (it is refilled
 on resume, so examples would be skipped), hence we shuffle shard order with
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .pieces import ENCODE_CHARS, encode_in_pieces, text_file_records
 from .tokenizer import EOT_ID
 
 
@@ -60,7 +63,8 @@ class Source:
         return self.domain_field is not None
 
     def is_val(self, text: str) -> bool:
-        """Hash split of user data: about one document in ``val_every`` is held out."""
+        """Hash split of user data: about one document in ``val_every`` is held out (a piece
+        of a long text line is a document)."""
         return zlib.crc32(text.encode("utf-8", "replace")) % self.val_every == 0
 
     def load(self):
@@ -68,11 +72,19 @@ class Source:
 
         if self.format == "hub":
             return datasets.load_dataset(self.hub_dataset, split="train", streaming=True)
-        kwargs: dict[str, Any] = {}
         if self.format == "text":
-            kwargs["encoding_errors"] = "replace"  # bad bytes -> U+FFFD; such lines are skipped
+            # Our reader, not datasets' text builder (which holds a line whole however long it
+            # is): lines of at most PIECE_CHARS characters are its rows, longer lines come in
+            # pieces. Bad bytes -> U+FFFD; such records are skipped. The list of files is the
+            # shards, as the builder's are, so sharding, shard shuffling and resume positions
+            # are the same.
+            return datasets.IterableDataset.from_generator(
+                text_file_records,
+                features=datasets.Features({"text": datasets.Value("string")}),
+                gen_kwargs={"files": list(self.data_files)},
+            )
         return datasets.load_dataset(
-            self.format, data_files=list(self.data_files), split="train", streaming=True, **kwargs
+            self.format, data_files=list(self.data_files), split="train", streaming=True
         )
 
     def parse(self, ex: dict) -> tuple[str, int] | None:
@@ -88,6 +100,25 @@ class Source:
         if self.domain_field is not None:
             dom = self.domain_names.index(ex[self.domain_field])
         return text, dom
+
+
+def _from_text_builder_state(state: Any) -> Any:
+    """A ``datasets`` stream state saved while text files were read by ``datasets``' text builder
+    (before long lines came in pieces), in the form the records reader has: the builder's
+    ``ArrowExamplesIterable`` state sits in a ``RebatchedArrowExamplesIterable`` that the
+    example-by-example iteration here never advances, and counts rows, which are the records of
+    every line of at most ``PIECE_CHARS`` characters. A state of the records reader is returned
+    as it is."""
+    if isinstance(state, list):
+        return [_from_text_builder_state(s) for s in state]
+    if not isinstance(state, dict):
+        return state
+    if state.get("type") == "RebatchedArrowExamplesIterable" and state.get("previous_state") is None:
+        return _from_text_builder_state(state["examples_iterable"])
+    out = {k: _from_text_builder_state(v) for k, v in state.items()}
+    if out.get("type") == "ArrowExamplesIterable":
+        out["type"] = "ExamplesIterable"
+    return out
 
 
 def _rng_to_list(rng: random.Random) -> list:
@@ -222,7 +253,8 @@ class PackedTokenStream(IterableDataset):
             cap = max(self.seq_len, self.token_cap // (self.world_size * nw))
         hf = self._build_hf(st.epoch)
         if st.hf is not None:
-            hf.load_state_dict(st.hf)  # datasets applies it lazily, at the first next() below
+            saved = _from_text_builder_state(st.hf) if self.source.format == "text" else st.hf
+            hf.load_state_dict(saved)  # datasets applies it lazily, at the first next() below
         if st.rng is not None:
             rng = _rng_from_list(st.rng)
         else:
@@ -245,8 +277,11 @@ class PackedTokenStream(IterableDataset):
                 yield ex
             if cap is not None and st.emitted >= cap:
                 break
-            docs = []
-            while len(docs) < self.encode_batch:
+            # Up to encode_batch documents, or fewer long ones: ENCODE_CHARS characters bound what
+            # is tokenized and held at once. The documents come out of the buffer in the same
+            # order however they are grouped, so the batches do not depend on the grouping.
+            docs, chars = [], 0
+            while len(docs) < self.encode_batch and chars < ENCODE_CHARS:
                 while not st.exhausted and len(st.buf) < self.buffer_docs:
                     ex = next(hf_iter, None)
                     if ex is None:
@@ -263,12 +298,13 @@ class PackedTokenStream(IterableDataset):
                     docs.append(st.buf.pop())
                 else:
                     docs.append(st.buf.pop(0))
+                chars += len(docs[-1][0])
             if not docs:
                 break
-            for enc, (_, d) in zip(tok.encode_batch([t for t, _ in docs]), docs):
-                st.tok.extend(enc.ids)
+            for ids, (_, d) in zip(encode_in_pieces(tok, [t for t, _ in docs]), docs):
+                st.tok.extend(ids)
                 st.tok.append(EOT_ID)
-                st.dom.extend([d] * (len(enc.ids) + 1))
+                st.dom.extend([d] * (len(ids) + 1))
         # pass complete: a state_dict taken now means "start of the next epoch"
         self._live = None
         if self.shuffle:

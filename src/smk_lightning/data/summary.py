@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .pieces import ENCODE_CHARS, encode_in_pieces
+
 #: Characters counted (parsed, split and tokenized) for the summary; beyond this the
 #: counts are lower bounds, so a large corpus does not delay the start of training.
 COUNT_MAX_CHARS = 4_000_000
@@ -22,11 +24,13 @@ def count_user_data(source, tokenizer, max_chars: int = COUNT_MAX_CHARS) -> Spli
     splits of ``source`` (a ``Source`` with ``split=None``), by the same hash split as training."""
     out = SplitCounts()
     pending: dict[str, list[str]] = {"train": [], "val": []}
+    pending_chars = {"train": 0, "val": 0}
     chars = 0
 
     def flush(split: str) -> None:
-        out.tokens[split] += sum(len(ids) + 1 for ids in tokenizer.encode_batch_fast(pending[split]))
+        out.tokens[split] += sum(len(ids) + 1 for ids in encode_in_pieces(tokenizer, pending[split], fast=True))
         pending[split].clear()
+        pending_chars[split] = 0
 
     for row in source.load():
         doc = source.parse(row)
@@ -40,7 +44,8 @@ def count_user_data(source, tokenizer, max_chars: int = COUNT_MAX_CHARS) -> Spli
         out.docs[split] += 1
         chars += len(text)
         pending[split].append(text)
-        if len(pending[split]) >= _ENCODE_BATCH:
+        pending_chars[split] += len(text)
+        if len(pending[split]) >= _ENCODE_BATCH or pending_chars[split] >= ENCODE_CHARS:
             flush(split)
     flush("train")
     flush("val")

@@ -10,21 +10,29 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from smk_lightning.errors import ConfigError
 
+from .pieces import PIECE_CHARS, split_text
+
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 0
 
 
 def _head(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The first ``max_chars`` characters of ``texts`` (and the rest of the text or piece that
+    crosses that mark), a text longer than ``PIECE_CHARS`` in pieces: the trainer never holds
+    a whole long document. Pieces end on pre-token boundaries, so its word counts are those
+    of the whole text."""
     total = 0
     for t in texts:
-        if total >= max_chars:
-            break
-        total += len(t)
-        yield t
+        for piece in split_text(t) if len(t) > PIECE_CHARS else (t,):
+            if total >= max_chars:
+                return
+            total += len(piece)
+            yield piece
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, max_chars: int = 2_000_000) -> Tokenizer:
-    """Train a byte-level BPE on the first ``max_chars`` characters of ``texts``."""
+    """Train a byte-level BPE on the first ``max_chars`` characters of ``texts`` (long texts
+    in pieces of ``PIECE_CHARS``)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
