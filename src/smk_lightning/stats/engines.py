@@ -9,6 +9,10 @@
   counts in ``dropped_L`` (a device tensor, per layer);
 - ``options``: the keyword options ``fill`` takes (vmap: ``chunk_size``).
 
+``Engine.compiled()`` is the same engine with ``from_capture`` under ``torch.compile``
+(fullgraph, static shapes: it has no host sync and no data-dependent shape); an engine
+without ``from_capture`` recomputes with ``nonzero``-selected pairs and runs eager.
+
 An unknown engine name raises; there is no fallback.
 """
 
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
+
+import torch
 
 from smk_lightning.stats.ghost import ghost_stats, ghost_step
 from smk_lightning.stats.loop import loop_stats
@@ -32,6 +38,15 @@ class Engine:
 
     def __call__(self, layer, x_ND, g_ND, mask_NE, M_A, M_G) -> None:
         self.fill(layer, x_ND, g_ND, mask_NE, M_A, M_G)
+
+    def compiled(self) -> Engine:
+        """This engine with its ``from_capture`` compiled (itself if it has none)."""
+        return self if self.from_capture is None else replace(self, from_capture=_compile(self.from_capture))
+
+
+@cache  # one compiled function per engine function: its graphs are reused by every module
+def _compile(fn: Callable) -> Callable:
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 ENGINES: dict[str, Engine] = {

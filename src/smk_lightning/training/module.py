@@ -144,8 +144,11 @@ class SMKModule(L.LightningModule):
     def _stats_and_targets(self, capture: StatsCapture, stream: int, step: int, micro: int
                            ) -> tuple[dict, dict[str, LayerTargets], Tensor | None]:
         cfg, rank = self.stats_cfg, self.global_rank
+        # compiled with the model, in training only (as the model's forward): a validation
+        # batch's shapes would compile graphs of their own
         return stats_and_targets(capture, self.moe_layers, self.engine, cfg, self.router_cfg,
-                                 lambda i: probe_generator(cfg.seed, stream, step, micro, i, rank), self.device)
+                                 lambda i: probe_generator(cfg.seed, stream, step, micro, i, rank), self.device,
+                                 compiled=self.model_cfg.compile and stream == TRAIN_STREAM)
 
     def _warn_if_trivial(self) -> None:
         first = next(iter(self.moe_layers.values()), None)

@@ -8,11 +8,12 @@ Shape legend: L MoE layers, N tokens, E experts, K = top_k.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import torch
 from torch import Tensor
 
-from smk_lightning.losses import router_z_loss, smk_loss, smk_targets, switch_aux_loss
+from smk_lightning.losses import SMKTargets, router_z_loss, smk_loss, smk_targets, switch_aux_loss
 from smk_lightning.model.moe import MoELayer
 from smk_lightning.stats import StatsCapture
 from smk_lightning.stats.engines import Engine
@@ -50,26 +51,46 @@ def router_aux_losses(layers: list[MoELayer], rcfg: RouterConfig, device: torch.
 
 def stats_and_targets(capture: StatsCapture, layers: dict[str, MoELayer], engine: Engine, scfg: StatsConfig,
                       rcfg: RouterConfig, probe_generator: Callable[[int], torch.Generator],
-                      device: torch.device) -> tuple[dict, dict[str, LayerTargets], Tensor | None]:
+                      device: torch.device, compiled: bool = False) -> tuple[dict, dict[str, LayerTargets], Tensor | None]:
     """After a backward: the statistics, ΔSC targets, and smk_loss averaged over the MoE
     layers (None unless ``router.loss=smk``), all with autocast off. The targets and the loss
     run once on the layers' statistics stacked to ``[L, N, E]`` (each layer keeps its own
-    moments): a few kernels per step instead of a few per layer."""
+    moments): a few kernels per step instead of a few per layer. ``compiled``: the
+    statistics (``engine.compiled()``) and ``targets_and_loss`` under ``torch.compile``."""
+    if compiled:
+        engine = engine.compiled()
     stats = capture.stats(engine, scfg.scope, scfg.probe_fraction, probe_generator)
     if not stats:  # no MoE layer
         return stats, {}, None
     names, moe = list(stats), [layers[name] for name in stats]
-    with torch.autocast(device.type, enabled=False):
-        M_A_LNE, M_G_LNE, mask_LNE = (torch.stack(ts) for ts in zip(*stats.values()))
-        t = smk_targets(M_A_LNE, M_G_LNE, mask_LNE, rcfg.delta_sc, rcfg.tau, rcfg.target,
-                        rcfg.sinkhorn_iters, all_reduce_sum)
-        # Router logits recomputed from the detached layer input: smk_loss reaches the
-        # router only, never the experts or the layers below.
-        logits_LNE = torch.stack([layer.router(layer.capture.x_ND.to(layer.router.weight.dtype)) for layer in moe])
-        smk = smk_loss(logits_LNE, t, rcfg.target, all_reduce_sum).mean() if rcfg.loss == "smk" else None
+    M_A_LNE, M_G_LNE, mask_LNE = (torch.stack(ts) for ts in zip(*stats.values()))
+    fn = _compiled_targets_and_loss() if compiled else targets_and_loss
+    t, logits_LNE, smk = fn(M_A_LNE, M_G_LNE, mask_LNE, [layer.capture.x_ND for layer in moe],
+                            [layer.router for layer in moe], rcfg, device.type)
     targets = {name: LayerTargets(logits_LNE[i].detach(), t[i], layer.top_k, layer.capture.routing.topi_NK)
                for i, (name, layer) in enumerate(zip(names, moe))}
     return stats, targets, smk
+
+
+def targets_and_loss(M_A_LNE: Tensor, M_G_LNE: Tensor, mask_LNE: Tensor, x_ND: list[Tensor],
+                     routers: list[torch.nn.Module], rcfg: RouterConfig, device_type: str
+                     ) -> tuple[SMKTargets, Tensor, Tensor | None]:
+    """(ΔSC targets, router logits ``[L, N, E]``, smk_loss or None) of L layers' statistics,
+    with autocast off (the statistics' float32+). The logits are recomputed from each layer's
+    detached input ``x_ND[l]``: smk_loss reaches the routers only, never the experts or the
+    layers below. Global moments and row counts are summed over ranks."""
+    with torch.autocast(device_type, enabled=False):
+        t = smk_targets(M_A_LNE, M_G_LNE, mask_LNE, rcfg.delta_sc, rcfg.tau, rcfg.target,
+                        rcfg.sinkhorn_iters, all_reduce_sum)
+        logits_LNE = torch.stack([router(x.to(router.weight.dtype)) for router, x in zip(routers, x_ND)])
+        smk = smk_loss(logits_LNE, t, rcfg.target, all_reduce_sum).mean() if rcfg.loss == "smk" else None
+    return t, logits_LNE, smk
+
+
+@cache
+def _compiled_targets_and_loss() -> Callable:
+    # Not fullgraph: under DDP the global moments' all_reduce may break the graph there.
+    return torch.compile(targets_and_loss, dynamic=False)
 
 
 def router_backward(loss: Tensor, params: list[Tensor]) -> None:
