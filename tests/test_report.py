@@ -177,7 +177,7 @@ def test_settings_column_shows_what_differs_between_arms(tmp_path):
 
 def test_budget_curve_from_sweeps_at_several_step_counts(tmp_path):
     """--budget: each arm's final val/loss against its tokens (last step × batch × seq_len),
-    a column per budget with mean ± std over the seeds there."""
+    a column per budget with mean ± std over the seeds there and their count."""
     cfg = "model:\n  router:\n    loss: {loss}\ndata:\n  batch_size: 4\n  seq_len: 8\n"
     for steps in (10, 20):
         for arm, loss, seeds in (("switch", "switch", 2), ("frozen", "frozen", 1)):
@@ -196,5 +196,5 @@ def test_budget_curve_from_sweeps_at_several_step_counts(tmp_path):
     header, *rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln]
     assert header == "| arm | 320 tokens | 640 tokens |"  # 10 and 20 steps of 4 × 8 tokens
     cells = {r.split(" | ")[0].strip("| "): r.strip("| ").split(" | ")[1:] for r in rows}
-    assert cells["switch"] == ["2.55 ± 0.071", "2.05 ± 0.071"] and cells["frozen"] == ["3.5", "3"]
+    assert cells["switch"] == ["2.55 ± 0.071 (n=2)", "2.05 ± 0.071 (n=2)"] and cells["frozen"] == ["3.5 (n=1)", "3 (n=1)"]
     assert (out / "budget.png").stat().st_size > 0

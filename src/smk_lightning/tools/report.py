@@ -324,6 +324,10 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.3g} M" if n >= 1e6 else f"{n / 1e3:.3g} k" if n >= 1e3 else str(n)
 
 
+def _budget_cell(losses: list[float]) -> str:
+    return f"{_mean_std(losses, len(losses))} (n={len(losses)})" if losses else MISSING
+
+
 def write_budget(named: list[tuple[str, Path]], out: Path) -> str:
     """``out/budget.md`` and ``out/budget.png``: each arm's final ``val/loss`` against the
     tokens its runs trained on (last training step × tokens per optimizer step; one process),
@@ -341,9 +345,8 @@ def write_budget(named: list[tuple[str, Path]], out: Path) -> str:
     lines = ["| arm | " + " | ".join(f"{_count(b)} tokens" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
     for name, by_budget in points.items():
-        lines.append(f"| {name} | " + " | ".join(_mean_std(by_budget.get(b, []), len(by_budget.get(b, [])) or 1)
-                                                 for b in budgets) + " |")
-    md = "\n".join(lines + ["", "Final `val/loss` (mean ± sample std over the runs at that budget; "
+        lines.append(f"| {name} | " + " | ".join(_budget_cell(by_budget.get(b, [])) for b in budgets) + " |")
+    md = "\n".join(lines + ["", "Final `val/loss` (mean ± sample std over the n runs at that budget; "
                                  f"{MISSING}: no run)."]) + "\n"
     import matplotlib
 
