@@ -66,8 +66,8 @@ _EAGER = {
     "vmap_dense": Variant("vmap", "dense"),
     "dense_ffn": Variant(dense_only=True),
 }
-# The same with model.compile: true (the statistics engines run after the backward, eager;
-# the vmap and loop variants are not compiled).
+# The same with model.compile: true (the forward, the ghost statistics and the targets and
+# smk_loss compiled; the vmap and loop variants are not).
 COMPILED = ("plain", "ghost_routed", "ghost_dense", "ghost_probe25", "switch_probe25", "dense_ffn")
 VARIANTS = {**_EAGER, **{f"{name}_compiled": replace(_EAGER[name], compiled=True) for name in COMPILED}}
 
