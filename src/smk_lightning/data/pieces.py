@@ -43,14 +43,17 @@ def cut_point(window: str, n: int = PIECE_CHARS) -> int:
 
 
 def split_text(text: str, n: int = PIECE_CHARS) -> Iterator[str]:
-    """``text`` in pieces of at most ``n`` characters (``"".join`` of them is ``text``)."""
+    """``text`` in pieces of at most ``n`` characters (``"".join`` of them is ``text``); a text
+    of at most ``n`` characters is its own one piece."""
+    if len(text) <= n:
+        yield text
+        return
     start, end = 0, len(text)
     while end - start > n:
         p = cut_point(text[start : start + n + 1], n)
         yield text[start : start + p]
         start += p
-    if start < end or not text:
-        yield text[start:]
+    yield text[start:]  # the loop leaves 1..n characters
 
 
 def open_text(path: str) -> io.TextIOWrapper:
@@ -111,7 +114,7 @@ def encode_in_pieces(tokenizer, texts: Sequence[str], fast: bool = False) -> lis
         pending.clear()
 
     for i, text in enumerate(texts):
-        for piece in split_text(text) if len(text) > PIECE_CHARS else (text,):
+        for piece in split_text(text):
             owners.append(i)
             pending.append(piece)
             size += len(piece)

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from smk_lightning.errors import ConfigError
 
-from .pieces import PIECE_CHARS, split_text
+from .pieces import split_text
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 0
@@ -23,7 +23,7 @@ def _head(texts: Iterable[str], max_chars: int) -> Iterator[str]:
     of the whole text."""
     total = 0
     for t in texts:
-        for piece in split_text(t) if len(t) > PIECE_CHARS else (t,):
+        for piece in split_text(t):
             if total >= max_chars:
                 return
             total += len(piece)
