@@ -39,6 +39,7 @@ from smk_lightning.callbacks import (
     TextSampler,
     ValidateLastStep,
 )
+from smk_lightning.cli.allocator import keep_freed_memory
 from smk_lightning.cli.checkpoint import (
     SPECIAL_CKPT,
     checkpoint_mismatch,
@@ -360,6 +361,7 @@ def _saved() -> str:
 def main(args: list[str] | None = None) -> None:
     """``smk``: bad settings and inputs end with one line on stderr and exit status 2."""
     quiet_third_party()
+    keep_freed_memory()
     try:
         cli = make_cli(args)
     except SIGTERMException:

@@ -14,9 +14,8 @@ second for the rest. ``ghost_step`` fills a training step's statistics from the 
 captures, all layers of one shape at once: routed pairs need no new matmul (the forward
 kept ‖y‖ and ‖h‖², the sinks got ḡ and the row norms of the backward's own gradients of the
 pre-activations; see ``smk_lightning.model.moe.Capture``), and dense / probe rows go
-through ``ghost_dense_rows``, per layer. On a GPU its shapes depend only on N, E, k and ρ,
-and it reads nothing on the host; on the CPU, where a read costs nothing, it skips the
-lost pairs' recompute when none is lost.
+through ``ghost_dense_rows``, per layer. Its shapes depend only on N, E, k and ρ, and it
+reads nothing on the host, on every device (so it compiles as one graph).
 """
 
 from __future__ import annotations
@@ -101,8 +100,9 @@ def ghost_step(layers: list[MoELayer], topi_LNK: Tensor, scope: str, rows_LR: Te
                M_A: Tensor, M_G: Tensor, mask_LNE: Tensor) -> Tensor:
     """Fill ``M_A``/``M_G`` ``[L, N, E]`` of a training step in ``scope`` from the captures
     of L layers of one shape (``topi_LNK``: their routing, stacked; ``rows_LR``: their probe
-    rows in scope 'probe'), with static shapes and no host sync, the same on every device. The routed pairs of all layers are computed at once;
-    only the rows recomputed from scratch need each layer's own weights. Returns the number
+    rows in scope 'probe'), with static shapes and no host sync, the same on every device.
+    The routed pairs of all layers are computed at once; only the rows recomputed from
+    scratch need each layer's own weights. Returns the number
     of routed pairs per layer ``[L]`` (on the device) whose M_G could not be computed (lost
     pairs beyond ``LOST_PAIR_BUDGET``, see below); they are cleared from ``mask_LNE`` and
     their M_A and M_G are NaN."""

@@ -34,6 +34,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+from smk_lightning.cli.allocator import keep_freed_memory
 from smk_lightning.cli.trainer_options import check_precision
 from smk_lightning.errors import ConfigError
 from smk_lightning.model import ModelConfig, MoELayer, MoETransformer
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch CPU threads (default: torch's choice); 1 on a loaded machine, where a "
                          "descheduled second thread stalls every op")
     args = ap.parse_args(argv)
+    keep_freed_memory()  # as `smk` runs: the variants' steps are timed as training runs them
     if not args.config.is_file():
         ap.error(f"--config {args.config} does not exist; pass a YAML from configs/")
     for flag, value, least in (("--steps", args.steps, 1), ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0),
