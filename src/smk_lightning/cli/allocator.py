@@ -29,7 +29,8 @@ TRIM_THRESHOLD = 256 << 20
 
 
 def user_set_thresholds(environ: dict[str, str] | os._Environ = os.environ) -> bool:
-    """Whether the user configured glibc's malloc thresholds themselves."""
+    """Whether the user configured glibc's malloc themselves (any ``MALLOC_*_`` variable, or a
+    ``glibc.malloc.*`` tunable): then smk leaves it as they set it."""
     return (any(k.startswith("MALLOC_") and k.endswith("_") for k in environ)
             or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""))
 
