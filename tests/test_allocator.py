@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from smk_lightning.cli.allocator import user_set_thresholds
+from smk_lightning.cli.allocator import user_tuned_malloc
 
 # 30 blocks of 2 MB allocated, touched and freed, 10 times after two warm-up rounds: what a
 # training step does with its activations. Prints the page faults per round.
@@ -29,11 +29,15 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt (Linux)")
 
 
-def _faults_per_round(mode: str, **env: str) -> float:
-    clean = {k: v for k, v in os.environ.items() if not user_set_thresholds({k: v})}
-    out = subprocess.run([sys.executable, "-c", PATTERN, mode], env=clean | env, capture_output=True, text=True,
-                         check=True)
-    return float(out.stdout.split()[-1])
+def _python(code: str, *args: str, **env: str) -> str:
+    """stdout of ``python -c code args`` in this environment without its malloc settings, plus ``env``."""
+    clean = {k: v for k, v in os.environ.items() if not user_tuned_malloc({k: v})}
+    return subprocess.run([sys.executable, "-c", code, *args], env=clean | env, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _faults_per_round(mode: str) -> float:
+    return float(_python(PATTERN, mode).split()[-1])
 
 
 @glibc_only
@@ -51,12 +55,10 @@ def test_freed_blocks_are_reused_without_page_faults():
                                  {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=131072"}])
 def test_the_users_own_settings_are_left_alone(env):
     code = "from smk_lightning.cli.allocator import keep_freed_memory; print(keep_freed_memory())"
-    clean = {k: v for k, v in os.environ.items() if not user_set_thresholds({k: v})}
-    out = subprocess.run([sys.executable, "-c", code], env=clean | env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert _python(code, **env).strip() == "False"
 
 
-def test_user_set_thresholds_reads_the_malloc_variables_and_tunables():
-    assert not user_set_thresholds({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
-    assert user_set_thresholds({"MALLOC_MMAP_THRESHOLD_": "1"})
-    assert user_set_thresholds({"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.trim_threshold=1"})
+def test_user_tuned_malloc_reads_the_malloc_variables_and_tunables():
+    assert not user_tuned_malloc({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
+    assert user_tuned_malloc({"MALLOC_MMAP_THRESHOLD_": "1"})
+    assert user_tuned_malloc({"GLIBC_TUNABLES": "glibc.pthread.rseq=0:glibc.malloc.trim_threshold=1"})

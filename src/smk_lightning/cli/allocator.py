@@ -28,7 +28,7 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
 
 
-def user_set_thresholds(environ: dict[str, str] | os._Environ = os.environ) -> bool:
+def user_tuned_malloc(environ: dict[str, str] | os._Environ = os.environ) -> bool:
     """Whether the user configured glibc's malloc themselves (any ``MALLOC_*_`` variable, or a
     ``glibc.malloc.*`` tunable): then smk leaves it as they set it."""
     return (any(k.startswith("MALLOC_") and k.endswith("_") for k in environ)
@@ -38,7 +38,7 @@ def user_set_thresholds(environ: dict[str, str] | os._Environ = os.environ) -> b
 def keep_freed_memory() -> bool:
     """Set the two thresholds (see module docstring) once for this process; True if set.
     Worker processes forked afterwards inherit them."""
-    if not sys.platform.startswith("linux") or user_set_thresholds():
+    if not sys.platform.startswith("linux") or user_tuned_malloc():
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
