@@ -13,8 +13,8 @@ settings (``mallopt(3)``) stop that:
   instead of giving it back after every step.
 
 The cost is that up to 256 MiB of freed memory stays with the process. Where the allocator
-is not glibc's, or the user has set its thresholds (``MALLOC_*_`` variables or glibc
-tunables), nothing is changed.
+is not glibc's, or the user has configured it (any ``MALLOC_*_`` variable or
+``glibc.malloc`` tunable), nothing is changed.
 """
 
 from __future__ import annotations

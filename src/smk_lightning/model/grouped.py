@@ -10,7 +10,8 @@ backward (input gradient: the same op on the transposed weights; weight gradient
 second op), so the traced backward never meets the bf16-only check either. Shapes depend
 only on P = N·K rows and E experts, never on the routing: a new routing never recompiles.
 The custom ops serve bf16 too, where torch's op would trace: inside a compiled graph they
-cost no measurable time over it (BENCHMARKS.md), and with one path the CPU tests cover what the GPU runs.
+cost no measurable time over it (BENCHMARKS.md), and with one path the CPU tests cover
+what the GPU runs.
 
 Shape legend: P rows (sorted by expert), X in-features, Y out-features, E experts.
 """
